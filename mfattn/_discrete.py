@@ -1,0 +1,151 @@
+"""The discrete transformer: explicit Euler steps of the attention field."""
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax import lax
+
+from ._checks import as_float_array
+from ._field import AttentionField
+from ._loss import AbstractLoss
+from ._measure import EmpiricalMeasure
+from ._params import AttentionParams
+from ._solution import Solution
+
+
+def check_model_inputs(params, measure, loss, test_points, test_labels, name="params"):
+    """Shared trace-time checks of `solve_discrete` and `solve_limit`."""
+    if not isinstance(params, AttentionParams):
+        raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
+    if params.Q.ndim != 4:
+        raise ValueError(f"`{name}` must have leaves of shape (L, H, d, k), got {params.Q.shape}")
+    if not isinstance(measure, EmpiricalMeasure):
+        raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
+    if measure.points.ndim != 2:
+        raise ValueError(
+            f"`measure.points` must be (n, d), got {measure.points.shape}; use "
+            "`jax.vmap` for a batch of measures"
+        )
+    if params.dim != measure.dim:
+        raise ValueError(
+            f"`{name}` has token dimension d={params.dim} but `measure` has d={measure.dim}"
+        )
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(f"`loss` must be an mfattn loss (AbstractLoss), got {type(loss).__name__}")
+    if test_points is not None:
+        test_points = as_float_array(test_points, "test_points", ndim=2)
+        if test_points.shape[1] != measure.dim:
+            raise ValueError(
+                f"`test_points` has dimension {test_points.shape[1]}, expected d={measure.dim}"
+            )
+        if test_labels is not None:
+            test_labels = as_float_array(test_labels, "test_labels", ndim=2)
+    elif test_labels is not None:
+        raise ValueError("`test_labels` given without `test_points`")
+    return test_points, test_labels
+
+
+@eqx.filter_jit
+def solve_discrete(
+    params: AttentionParams,
+    measure: EmpiricalMeasure,
+    loss: AbstractLoss,
+    beta,
+    *,
+    test_points=None,
+    test_labels=None,
+) -> Solution:
+    """Run the `L`-layer attention-only transformer and its closed-form adjoint.
+
+    Forward (SPEC section 3), explicit Euler with step `1/L` on the field of
+    [`mfattn.AttentionField`][]:
+
+        x_i^{l+1} = x_i^l + (1/L) Gamma(x_i^l, mu^l; nu^l).
+
+    Backward (SPEC section 4), the exact adjoint recursion in closed form
+    (not `jax.grad`):
+
+        p_i^L = d_mu Loss(mu^L)(x_i^L),
+        p_i^l = p_i^{l+1} + (1/L) [grad_x Gamma(x_i^l)^T p_i^{l+1}
+                                   + sum_j w_j d_mu Gamma(x_j^l)(x_i^l)^T p_j^{l+1}],
+
+    and the gradient map `g(theta_{l,h}) = sum_i w_i grad_theta G(x_i^l; theta_{l,h})^T p_i^{l+1}
+    = L H dLoss/dtheta_{l,h}`.
+
+    **Arguments:**
+
+    - `params`: an [`mfattn.AttentionParams`][] with leaves `(L, H, d, k)`.
+    - `measure`: the input tokens, an [`mfattn.EmpiricalMeasure`][] with `(n, d)`
+      points (`jax.vmap` over a batch of measures).
+    - `loss`: an [`mfattn.AbstractLoss`][] of the terminal measure.
+    - `beta`: inverse temperature `> 0`.
+    - `test_points`: optional `(m, d)` test particles `z`, carried by the field
+      of the tokens without acting on it, with their own adjoint (the same
+      backward formula evaluated at `z`; SPEC section 6, flow maps).
+    - `test_labels`: labels of the test particles for supervised losses.
+
+    **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
+    `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
+    points are given.
+    """
+    test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
+    field = AttentionField(beta)
+    L = params.depth
+    dt = 1.0 / L
+    dtype = jnp.result_type(measure.points.dtype, params.dtype)
+    measure = measure.with_points(measure.points.astype(dtype))
+    if test_points is not None:
+        test_points = test_points.astype(dtype)
+
+    def euler_step(carry, layer):
+        x, z = carry
+        vx, vz = field.forward(measure.with_points(x), layer, z)
+        z_next = None if z is None else z + dt * vz
+        return (x + dt * vx, z_next), (x, z)
+
+    (x_last, z_last), (xs, zs) = lax.scan(euler_step, (measure.points, test_points), params)
+    xs = jnp.concatenate([xs, x_last[None]], axis=0)
+    zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
+
+    terminal = measure.with_points(x_last)
+    loss_value = loss(terminal)
+    p_last = loss.lions_derivative(terminal).astype(dtype)
+    pz_last = None
+    if z_last is not None:
+        pz_last = loss.lions_derivative(terminal, z_last, test_labels).astype(dtype)
+
+    def adjoint_step(carry, inputs):
+        p, pz = carry
+        x, z, layer = inputs
+        b, bz, g = field.backward(measure.with_points(x), layer, p, z, pz)
+        pz_prev = None if pz is None else pz + dt * bz
+        return (p + dt * b, pz_prev), (p, pz, g)
+
+    (p_first, pz_first), (ps_next, pzs_next, grads) = lax.scan(
+        adjoint_step,
+        (p_last, pz_last),
+        (xs[:-1], None if zs is None else zs[:-1], params),
+        reverse=True,
+    )
+    ps = jnp.concatenate([p_first[None], ps_next], axis=0)
+    pzs = None if pz_first is None else jnp.concatenate([pz_first[None], pzs_next], axis=0)
+    ts = jnp.arange(L + 1, dtype=dtype) / L
+    return Solution(ts=ts, xs=xs, ps=ps, grads=grads, loss=loss_value, test_xs=zs, test_ps=pzs)
+
+
+@eqx.filter_jit
+def discrete_loss(params, measure, loss, beta):
+    """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
+    differentiates in the tests (and that users can differentiate freely)."""
+    check_model_inputs(params, measure, loss, None, None)
+    field = AttentionField(beta)
+    dt = 1.0 / params.depth
+
+    def euler_step(x, layer):
+        vx, _ = field.forward(measure.with_points(x), layer)
+        return x + dt * vx, None
+
+    x_last, _ = lax.scan(euler_step, measure.points, params)
+    return loss(measure.with_points(x_last))
+
+
+__all__ = ["solve_discrete", "discrete_loss"]

@@ -1,0 +1,95 @@
+"""The attention contractions every model is built from (private).
+
+All functions act on the heads of one layer at once: projected queries
+`q (H, m, k)`, keys `k (H, n, k)`, values `v (H, n, k)` and key weights
+`w (n,)`. Notation (SPEC section 1): the attention *density*
+`A_ij = a(x_i, x_j) = exp(s_ij) / D(x_i)` with `D(x_i) = sum_j w_j exp(s_ij)`,
+and the attention *probabilities* `pi_ij = w_j A_ij`.
+
+The backward functions are the closed forms of SPEC sections 1 and 4 written
+in head space: with `c_i = O^T p_i` (the cotangent of the head output),
+
+    query side  dq_i = beta sum_j w_j A_ij (<v_j, c_i> - <o_i, c_i>) k_j
+                     = beta K^T Cov_a(x_i)[y] V c_i          (grad_x term)
+    key side    dk_j = beta sum_i u_i A_ij (<v_j, c_i> - <o_i, c_i>) q_i
+                dv_j = sum_i u_i A_ij c_i                    (Lions term)
+
+for query weights `u_i`. This module is the one place to swap in a chunked,
+fused or Pallas kernel.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def project(x, W):
+    """`x (m, d)`, `W (H, d, k)` -> `W^T x` per head, `(H, m, k)`."""
+    return jnp.einsum("md,hdk->hmk", x, W)
+
+
+def _masked_scores(q, k, w, beta):
+    s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
+    positive = w > 0
+    smax = jnp.max(jnp.where(positive, s, -jnp.inf), axis=-1, keepdims=True)
+    smax = lax.stop_gradient(smax)
+    # exp(-inf) = 0 for zero-weight atoms, with a zero (not NaN) derivative.
+    shifted = jnp.where(positive, s - smax, -jnp.inf)
+    return shifted, smax
+
+
+def forward(q, k, v, w, beta):
+    """Stable softmax attention against a weighted key set.
+
+    **Returns:** `o (H, m, k) = sum_j pi_ij v_j` and
+    `lse (H, m) = log D(x_i) = log sum_j w_j exp(s_ij)`.
+    """
+    shifted, smax = _masked_scores(q, k, w, beta)
+    e = w * jnp.exp(shifted)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("hmn,hnk->hmk", e, v) / denom
+    lse = (jnp.log(denom) + smax)[..., 0]
+    return o, lse
+
+
+def density(q, k, lse, beta):
+    """`A_ij = exp(s_ij - lse_i)`, `(H, m, p)`, for any keys (atoms or not).
+
+    At an atom `A_ij <= 1 / w_j`. At a point off the support of the measure
+    (a test particle) the density is unbounded at low temperature: a point
+    more aligned with `x_i` than every atom has `A_ij ~ exp(beta * gap)`, which
+    overflows at `beta = 1e3`. The exponent is capped at a quarter of the
+    largest representable one (`A <= 1e77` in float64, `3.6e9` in float32), so
+    that outputs stay finite; below the cap the value is exact.
+    """
+    s = beta * jnp.einsum("hmk,hpk->hmp", q, k)
+    cap = float(np.log(np.finfo(s.dtype).max)) / 4
+    return jnp.exp(jnp.minimum(s - lse[..., None], cap))
+
+
+def query_side(q, k, v, w, o, lse, c, beta):
+    """`dq (H, m, k)`: the head-space `grad_x` term (see module docstring)."""
+    A = density(q, k, lse, beta)
+    dS = A * (jnp.einsum("hmk,hnk->hmn", c, v) - jnp.sum(c * o, -1)[..., None])
+    return beta * jnp.einsum("hmn,hnk->hmk", dS * w, k)
+
+
+def key_side(q, o, lse, c, u, kp, vp, beta):
+    """`dk, dv (H, p, k)` at probe keys `kp, vp`: the head-space Lions term."""
+    A = density(q, kp, lse, beta) * u[:, None]
+    dS = A * (jnp.einsum("hmk,hpk->hmp", c, vp) - jnp.sum(c * o, -1)[..., None])
+    dk = beta * jnp.einsum("hmp,hmk->hpk", dS, q)
+    dv = jnp.einsum("hmp,hmk->hpk", A, c)
+    return dk, dv
+
+
+def backward(q, k, v, w, o, lse, c, beta):
+    """Both sides at once when the queries are the atoms themselves (`u = w`):
+    one density matrix, reused. Returns `dq, dk, dv`, each `(H, n, k)`."""
+    A = density(q, k, lse, beta)
+    dS = A * (jnp.einsum("hik,hjk->hij", c, v) - jnp.sum(c * o, -1)[..., None])
+    dq = beta * jnp.einsum("hij,hjk->hik", dS * w, k)
+    dSu = dS * w[:, None]
+    dk = beta * jnp.einsum("hij,hik->hjk", dSu, q)
+    dv = jnp.einsum("hij,hik->hjk", A * w[:, None], c)
+    return dq, dk, dv

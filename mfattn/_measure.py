@@ -1,0 +1,88 @@
+"""Empirical measures: weighted token sets (SPEC, notation)."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._checks import as_float_array, is_concrete
+
+
+class EmpiricalMeasure(eqx.Module):
+    """An empirical measure `mu = sum_j w_j delta_{x_j}` on `R^d`.
+
+    A batch of measures is the same module with a leading batch axis on both
+    leaves; `jax.vmap` maps over it.
+
+    **Arguments:**
+
+    - `points`: the atoms `x_j`, shape `(n, d)`, floating dtype, `n >= 1`.
+    - `weights`: the masses `w_j`, shape `(n,)`, non-negative and summing to
+      one. `None` (default) means uniform weights `1/n`. Weights are *not*
+      renormalised silently: weights that do not sum to one raise (divide by
+      their sum yourself if that is what you mean).
+
+    **Raises:**
+
+    `TypeError` for a non-floating `points`/`weights`; `ValueError` for a wrong
+    shape, an empty token set, negative weights, or weights not summing to one
+    (relative tolerance `1e-6` in float64, `1e-4` in float32). Inside a trace
+    the value checks become `eqx.error_if` runtime checks.
+    """
+
+    points: Float[Array, "n d"]
+    weights: Float[Array, " n"]
+
+    def __init__(self, points, weights=None):
+        points = as_float_array(points, "points", ndim=2)
+        n = points.shape[0]
+        if n == 0:
+            raise ValueError("`points` is an empty token set (n = 0); need n >= 1")
+        if points.shape[1] == 0:
+            raise ValueError("`points` has dimension d = 0")
+        if weights is None:
+            weights = jnp.full((n,), 1.0 / n, dtype=points.dtype)
+        else:
+            weights = as_float_array(weights, "weights", ndim=1)
+            if weights.shape[0] != n:
+                raise ValueError(
+                    f"`weights` has length {weights.shape[0]} but `points` has {n} atoms"
+                )
+            weights = weights.astype(points.dtype)
+            tol = 1e-4 if weights.dtype == jnp.float32 else 1e-6
+            if is_concrete(weights):
+                w = np.asarray(weights)
+                if np.any(w < 0) or not np.all(np.isfinite(w)):
+                    raise ValueError("`weights` must be finite and non-negative")
+                if abs(float(w.sum()) - 1.0) > tol:
+                    raise ValueError(
+                        f"`weights` must sum to 1, got {float(w.sum())!r}; pass "
+                        "`weights / weights.sum()` to normalise"
+                    )
+            else:
+                weights = eqx.error_if(
+                    weights,
+                    jnp.any(weights < 0) | (jnp.abs(jnp.sum(weights) - 1) > tol),
+                    "`weights` must be non-negative and sum to 1",
+                )
+        self.points = points
+        self.weights = weights
+
+    @property
+    def num_points(self) -> int:
+        """Number of atoms `n`."""
+        return self.points.shape[-2]
+
+    @property
+    def dim(self) -> int:
+        """Token dimension `d`."""
+        return self.points.shape[-1]
+
+    def with_points(self, points) -> "EmpiricalMeasure":
+        """The measure with the same weights and new atom positions (no checks;
+        used inside solvers where the points are moved by the flow)."""
+        return eqx.tree_at(lambda m: m.points, self, points)
+
+    def mean(self) -> Float[Array, " d"]:
+        """`int x mu(dx)`."""
+        return jnp.einsum("...n,...nd->...d", self.weights, self.points)

@@ -1,0 +1,46 @@
+"""Models: parameters plus the solver that turns them into a Solution."""
+
+import abc
+
+import equinox as eqx
+
+from ._discrete import solve_discrete
+from ._params import AttentionParams
+from ._solution import Solution
+
+
+class AbstractModel(eqx.Module):
+    """A trainable transformer: parameters and how to solve it on a measure.
+
+    Concrete models are [`mfattn.DiscreteTransformer`][] and
+    [`mfattn.MeanFieldTransformer`][]; [`mfattn.train`][] treats both alike.
+    """
+
+    params: eqx.AbstractVar[AttentionParams]
+    beta: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
+        """Forward states, adjoints and gradient map on one measure."""
+
+    def with_params(self, params: AttentionParams) -> "AbstractModel":
+        """The same model with new parameters."""
+        return eqx.tree_at(lambda m: m.params, self, params)
+
+
+class DiscreteTransformer(AbstractModel):
+    """The `L`-layer, `H`-head attention-only transformer of SPEC section 3:
+    [`mfattn.solve_discrete`][] on `params` (leaves `(L, H, d, k)`)."""
+
+    params: AttentionParams
+    beta: float = eqx.field(static=True)
+
+    def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
+        return solve_discrete(
+            self.params,
+            measure,
+            loss,
+            self.beta,
+            test_points=test_points,
+            test_labels=test_labels,
+        )

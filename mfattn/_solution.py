@@ -1,0 +1,36 @@
+"""The solution type shared by the discrete model and the continuous limit."""
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
+from ._params import AttentionParams
+
+
+class Solution(eqx.Module):
+    """Forward states, rescaled adjoints and gradient map of one model on one
+    token measure. `solve_discrete` and `solve_limit` both return it, so that
+    downstream code treats both models alike.
+
+    **Fields:**
+
+    - `ts`: times of the saved states, `(S,)`; `l / L` for the discrete model,
+      the depth-grid nodes (or requested times) for the limit.
+    - `xs`: token states `(S, n, d)`; `xs[l]` is `x^l` (discrete) or `x(t_l)`.
+    - `ps`: rescaled adjoints `p = (1/w) dLoss/dx`, `(S, n, d)` (SPEC section 4).
+    - `grads`: the gradient map as an [`mfattn.AttentionParams`][] shaped like the
+      parameters; for the discrete model `L * H * dLoss/dtheta_{l,h}`, for the
+      limit `g(theta^m(t_j), t_j)` at every grid node.
+    - `loss`: `Loss(mu^L)` (scalar).
+    - `test_xs`, `test_ps`: states and adjoints of test particles `(S, m, d)`,
+      or `None` when no test points were given.
+    - `stats`: solver statistics (the limit: Diffrax's step counts), else `{}`.
+    """
+
+    ts: Float[Array, " S"]
+    xs: Float[Array, "S n d"]
+    ps: Float[Array, "S n d"]
+    grads: AttentionParams
+    loss: Float[Array, ""]
+    test_xs: Float[Array, "S m d"] | None = None
+    test_ps: Float[Array, "S m d"] | None = None
+    stats: dict = eqx.field(default_factory=dict)
