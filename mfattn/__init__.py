@@ -6,70 +6,38 @@ is time. See `SPEC.md` (shared with the project) for every formula.
 
 import importlib.metadata
 
-from ._checkpoint import (
-    CheckpointError as CheckpointError,
-)
-from ._checkpoint import (
-    list_checkpoints as list_checkpoints,
-)
-from ._checkpoint import (
-    load_checkpoint as load_checkpoint,
-)
-from ._checkpoint import (
-    load_latest as load_latest,
-)
-from ._checkpoint import (
-    save_checkpoint as save_checkpoint,
-)
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import list_checkpoints as list_checkpoints
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import load_latest as load_latest
+from ._checkpoint import save_checkpoint as save_checkpoint
 from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
-from ._loss import (
-    AbstractLoss as AbstractLoss,
-)
-from ._loss import (
-    DenoisingLoss as DenoisingLoss,
-)
-from ._loss import (
-    MMDLoss as MMDLoss,
-)
+from ._limit import AdjointVectorField as AdjointVectorField
+from ._limit import MeanFieldVectorField as MeanFieldVectorField
+from ._limit import limit_gradient as limit_gradient
+from ._limit import solve_limit as solve_limit
+from ._loss import AbstractLoss as AbstractLoss
+from ._loss import DenoisingLoss as DenoisingLoss
+from ._loss import MMDLoss as MMDLoss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
-from ._model import (
-    AbstractModel as AbstractModel,
-)
-from ._model import (
-    DiscreteTransformer as DiscreteTransformer,
-)
-from ._optim import (
-    ScaleByBlockwiseAdamState as ScaleByBlockwiseAdamState,
-)
-from ._optim import (
-    blockwise_adamw as blockwise_adamw,
-)
-from ._optim import (
-    scale_by_blockwise_adam as scale_by_blockwise_adam,
-)
+from ._model import AbstractModel as AbstractModel
+from ._model import DiscreteTransformer as DiscreteTransformer
+from ._model import MeanFieldTransformer as MeanFieldTransformer
+from ._optim import ScaleByBlockwiseAdamState as ScaleByBlockwiseAdamState
+from ._optim import blockwise_adamw as blockwise_adamw
+from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
+from ._path import ParamPath as ParamPath
 from ._solution import Solution as Solution
-from ._train import (
-    TrainResult as TrainResult,
-)
-from ._train import (
-    TrainState as TrainState,
-)
-from ._train import (
-    batch_solve as batch_solve,
-)
-from ._train import (
-    evaluate as evaluate,
-)
-from ._train import (
-    save_results as save_results,
-)
-from ._train import (
-    train as train,
-)
+from ._train import TrainResult as TrainResult
+from ._train import TrainState as TrainState
+from ._train import batch_solve as batch_solve
+from ._train import evaluate as evaluate
+from ._train import save_results as save_results
+from ._train import train as train
 
 try:
     __version__ = importlib.metadata.version("mfattn")

@@ -44,3 +44,36 @@ class DiscreteTransformer(AbstractModel):
             test_points=test_points,
             test_labels=test_labels,
         )
+
+
+class MeanFieldTransformer(AbstractModel):
+    """The continuous limit of SPEC section 6: parameter particles on a depth
+    grid (leaves `(J+1, M, d, k)`), solved by [`mfattn.solve_limit`][]. Every
+    (particle, node) pair is trained by its own optimiser state from the
+    gradient map at that node."""
+
+    params: AttentionParams
+    beta: float = eqx.field(static=True)
+    times: object = None
+    interpolation: str = eqx.field(static=True, default="linear")
+    rtol: float = eqx.field(static=True, default=1e-6)
+    atol: float = eqx.field(static=True, default=1e-8)
+    max_steps: int = eqx.field(static=True, default=4096)
+
+    def solve(self, measure, loss, *, test_points=None, test_labels=None, ts=None) -> Solution:
+        from ._limit import solve_limit
+
+        return solve_limit(
+            self.params,
+            measure,
+            loss,
+            self.beta,
+            test_points=test_points,
+            test_labels=test_labels,
+            ts=ts,
+            times=self.times,
+            interpolation=self.interpolation,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+        )
