@@ -164,7 +164,8 @@ def _solve(
         0.0,
         None,
         y1,
-        saveat=diffrax.SaveAt(t1=True, dense=True),
+        # the gradient accumulators are only needed at t = 0: no dense output
+        saveat=diffrax.SaveAt(t1=True, dense=not integrate_gradient),
         stepsize_controller=controller,
         max_steps=max_steps,
     )
