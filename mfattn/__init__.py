@@ -11,6 +11,8 @@ from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import load_latest as load_latest
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._convergence import antithetic_mean_field as antithetic_mean_field
+from ._convergence import flow_error as flow_error
 from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
