@@ -53,6 +53,7 @@ def solve_discrete(
     *,
     test_points=None,
     test_labels=None,
+    chunk_size: int | None = None,
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
@@ -82,13 +83,15 @@ def solve_discrete(
       of the tokens without acting on it, with their own adjoint (the same
       backward formula evaluated at `z`; SPEC section 6, flow maps).
     - `test_labels`: labels of the test particles for supervised losses.
+    - `chunk_size`: see [`mfattn.AttentionField`][] (`None`: dense; an int: keys in
+      blocks, memory `O(n * chunk_size)` per head and layer).
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
     points are given.
     """
     test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
-    field = AttentionField(beta)
+    field = AttentionField(beta, chunk_size)
     L = params.depth
     dt = 1.0 / L
     dtype = jnp.result_type(measure.points.dtype, params.dtype)
@@ -133,11 +136,11 @@ def solve_discrete(
 
 
 @eqx.filter_jit
-def discrete_loss(params, measure, loss, beta):
+def discrete_loss(params, measure, loss, beta, chunk_size=None):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
     differentiates in the tests (and that users can differentiate freely)."""
     check_model_inputs(params, measure, loss, None, None)
-    field = AttentionField(beta)
+    field = AttentionField(beta, chunk_size)
     dt = 1.0 / params.depth
 
     def euler_step(x, layer):

@@ -50,6 +50,11 @@ class AttentionField(eqx.Module):
     **Arguments:**
 
     - `beta`: inverse temperature, a positive scalar.
+    - `chunk_size`: `None` (default) evaluates each layer with dense `(H, m, n)`
+      score blocks, fastest for short sequences; an int processes keys in blocks
+      of that size with an online softmax and recomputed densities, one head at
+      a time, so memory is `O(m * chunk_size)` per head (long sequences). Both
+      give the same numbers to rounding.
 
     Methods take query points `x` of shape `(d,)` or `(m, d)`, an
     [`mfattn.EmpiricalMeasure`][], and one layer's heads (an
@@ -57,9 +62,35 @@ class AttentionField(eqx.Module):
     """
 
     beta: float | Float[Array, ""]
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
-    def __init__(self, beta):
+    def __init__(self, beta, chunk_size: int | None = None):
         self.beta = check_beta(beta)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    # Kernel dispatch: dense (one (H, m, n) block, fastest for small n) or chunked
+    # over keys with O(m * chunk_size) memory per head (long sequences).
+    def _k_forward(self, q, k, v, w):
+        if self.chunk_size is None:
+            return _kernel.forward(q, k, v, w, self.beta)
+        return _kernel.forward_chunked(q, k, v, w, self.beta, self.chunk_size)
+
+    def _k_query_side(self, q, k, v, w, o, lse, c):
+        if self.chunk_size is None:
+            return _kernel.query_side(q, k, v, w, o, lse, c, self.beta)
+        return _kernel.query_side_chunked(q, k, v, w, o, lse, c, self.beta, self.chunk_size)
+
+    def _k_key_side(self, q, o, lse, c, u, kp, vp):
+        if self.chunk_size is None:
+            return _kernel.key_side(q, o, lse, c, u, kp, vp, self.beta)
+        return _kernel.key_side_chunked(q, o, lse, c, u, kp, vp, self.beta, self.chunk_size)
+
+    def _k_backward(self, q, k, v, w, o, lse, c):
+        if self.chunk_size is None:
+            return _kernel.backward(q, k, v, w, o, lse, c, self.beta)
+        return _kernel.backward_chunked(q, k, v, w, o, lse, c, self.beta, self.chunk_size)
 
     # ------------------------------------------------------------------ field
     def __call__(self, x, measure: EmpiricalMeasure, params: AttentionParams):
@@ -81,7 +112,7 @@ class AttentionField(eqx.Module):
         q = _kernel.project(xs, params.Q)
         k = _kernel.project(measure.points, params.K)
         v = _kernel.project(measure.points, params.V)
-        return _kernel.forward(q, k, v, measure.weights, self.beta)
+        return self._k_forward(q, k, v, measure.weights)
 
     def _stats(self, xs, measure, params):
         # pi (H, m, n) and m_h(x) (H, m, d): the literal SPEC objects.
@@ -170,10 +201,10 @@ class AttentionField(eqx.Module):
         q = _kernel.project(x, params.Q)
         k = _kernel.project(measure.points, params.K)
         v = _kernel.project(measure.points, params.V)
-        o, lse = _kernel.forward(q, k, v, measure.weights, self.beta)
+        o, lse = self._k_forward(q, k, v, measure.weights)
         c = jnp.einsum("hdk,md->hmk", params.O, p)
-        dq = _kernel.query_side(q, k, v, measure.weights, o, lse, c, self.beta)
-        dk, dv = _kernel.key_side(q, o, lse, c, weights, k, v, self.beta)
+        dq = self._k_query_side(q, k, v, measure.weights, o, lse, c)
+        dk, dv = self._k_key_side(q, o, lse, c, weights, k, v)
         return _assemble_grads(x, weights, measure.points, measure.weights, p, o, dq, dk, dv)
 
     # ------------------------------------------- solver-facing contractions
@@ -219,9 +250,9 @@ class AttentionField(eqx.Module):
         q = _kernel.project(x, params.Q)
         k = _kernel.project(x, params.K)
         v = _kernel.project(x, params.V)
-        o, lse = _kernel.forward(q, k, v, w, self.beta)
+        o, lse = self._k_forward(q, k, v, w)
         c = jnp.einsum("hdk,md->hmk", params.O, p)
-        dq, dk, dv = _kernel.backward(q, k, v, w, o, lse, c, self.beta)
+        dq, dk, dv = self._k_backward(q, k, v, w, o, lse, c)
         bracket = _to_tokens(params, dq, dk, dv) / H
         grads = _assemble_grads(x, w, x, w, p, o, dq, dk, dv)
         if test_points is None:
@@ -230,10 +261,10 @@ class AttentionField(eqx.Module):
         qz = _kernel.project(z, params.Q)
         kz = _kernel.project(z, params.K)
         vz = _kernel.project(z, params.V)
-        oz, lsez = _kernel.forward(qz, k, v, w, self.beta)
+        oz, lsez = self._k_forward(qz, k, v, w)
         cz = jnp.einsum("hdk,md->hmk", params.O, test_p)
-        dqz = _kernel.query_side(qz, k, v, w, oz, lsez, cz, self.beta)
-        dkz, dvz = _kernel.key_side(q, o, lse, c, w, kz, vz, self.beta)
+        dqz = self._k_query_side(qz, k, v, w, oz, lsez, cz)
+        dkz, dvz = self._k_key_side(q, o, lse, c, w, kz, vz)
         return bracket, _to_tokens(params, dqz, dkz, dvz) / H, grads
 
 

@@ -93,3 +93,101 @@ def backward(q, k, v, w, o, lse, c, beta):
     dk = beta * jnp.einsum("hij,hik->hjk", dSu, q)
     dv = jnp.einsum("hij,hik->hjk", A * w[:, None], c)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# Chunked kernels: O(m * chunk) memory per head instead of O(m * n).
+#
+# Keys (and probes) are processed in blocks of `chunk` with an online softmax
+# for the forward pass and recomputed densities for the backward pass; heads
+# are processed one at a time (`lax.map`), so the largest temporary is one
+# `(m, chunk)` block. Same results as the dense functions above.
+# ----------------------------------------------------------------------------
+
+
+def _blocks(x, chunk, fill=0.0):
+    """Pad the leading axis to a multiple of `chunk` and split it into blocks."""
+    n = x.shape[0]
+    nb = -(-n // chunk)
+    pad = nb * chunk - n
+    if pad:
+        x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    return x.reshape((nb, chunk) + x.shape[1:])
+
+
+def _forward_head(q, k, v, w, beta, chunk):
+    kb, vb, wb = _blocks(k, chunk), _blocks(v, chunk), _blocks(w, chunk)
+    m = q.shape[0]
+
+    def body(carry, blk):
+        mx, l, acc = carry
+        kk, vv, ww = blk
+        s = beta * q @ kk.T
+        s = jnp.where(ww > 0, s, -jnp.inf)
+        new = jnp.maximum(mx, jnp.max(s, axis=-1))
+        safe = jnp.where(jnp.isfinite(new), new, 0.0)
+        scale = jnp.where(jnp.isfinite(mx), jnp.exp(mx - safe), 0.0)
+        e = ww * jnp.exp(s - safe[:, None])
+        return (new, l * scale + e.sum(-1), acc * scale[:, None] + e @ vv), None
+
+    init = (
+        jnp.full((m,), -jnp.inf, q.dtype),
+        jnp.zeros((m,), q.dtype),
+        jnp.zeros((m, v.shape[-1]), q.dtype),
+    )
+    (mx, l, acc), _ = lax.scan(body, init, (kb, vb, wb))
+    return acc / l[:, None], jnp.log(l) + mx
+
+
+def _query_side_head(q, k, v, w, o, lse, c, beta, chunk):
+    kb, vb, wb = _blocks(k, chunk), _blocks(v, chunk), _blocks(w, chunk)
+    delta = jnp.sum(c * o, -1)
+
+    def body(dq, blk):
+        kk, vv, ww = blk
+        A = jnp.exp(beta * q @ kk.T - lse[:, None])
+        dS = A * (c @ vv.T - delta[:, None])
+        return dq + beta * (dS * ww) @ kk, None
+
+    dq, _ = lax.scan(body, jnp.zeros_like(q), (kb, vb, wb))
+    return dq
+
+
+def _key_side_head(q, o, lse, c, u, kp, vp, beta, chunk):
+    p = kp.shape[0]
+    kb, vb = _blocks(kp, chunk), _blocks(vp, chunk)
+    delta = jnp.sum(c * o, -1)
+    cap = float(np.log(np.finfo(q.dtype).max)) / 4
+
+    def one(blk):
+        kk, vv = blk
+        A = jnp.exp(jnp.minimum(beta * q @ kk.T - lse[:, None], cap)) * u[:, None]
+        dS = A * (c @ vv.T - delta[:, None])
+        return beta * dS.T @ q, A.T @ c
+
+    dk, dv = lax.map(one, (kb, vb))
+    kdim = q.shape[-1]
+    return dk.reshape(-1, kdim)[:p], dv.reshape(-1, kdim)[:p]
+
+
+def forward_chunked(q, k, v, w, beta, chunk):
+    """[`forward`][] with `O(m * chunk)` memory per head."""
+    return lax.map(lambda a: _forward_head(a[0], a[1], a[2], w, beta, chunk), (q, k, v))
+
+
+def query_side_chunked(q, k, v, w, o, lse, c, beta, chunk):
+    """[`query_side`][] with `O(m * chunk)` memory per head."""
+    return lax.map(lambda a: _query_side_head(*a[:3], w, *a[3:], beta, chunk), (q, k, v, o, lse, c))
+
+
+def key_side_chunked(q, o, lse, c, u, kp, vp, beta, chunk):
+    """[`key_side`][] with `O(m * chunk)` memory per head."""
+    return lax.map(lambda a: _key_side_head(*a[:4], u, *a[4:], beta, chunk), (q, o, lse, c, kp, vp))
+
+
+def backward_chunked(q, k, v, w, o, lse, c, beta, chunk):
+    """[`backward`][] with `O(n * chunk)` memory per head (two passes over key
+    blocks: one accumulating `dq`, one producing `dk, dv` block by block)."""
+    dq = query_side_chunked(q, k, v, w, o, lse, c, beta, chunk)
+    dk, dv = key_side_chunked(q, o, lse, c, w, k, v, beta, chunk)
+    return dq, dk, dv

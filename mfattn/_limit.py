@@ -122,12 +122,13 @@ def _solve(
     max_steps,
     adjoint,
     integrate_gradient=False,
+    chunk_size=None,
 ):
     path = as_path(params_grid, times, interpolation)
     test_points, test_labels = check_model_inputs(
         path.params, measure, loss, test_points, test_labels, name="params_grid"
     )
-    field = AttentionField(beta)
+    field = AttentionField(beta, chunk_size)
     dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
     measure = _measure(measure.points.astype(dtype), measure.weights.astype(dtype))
     d = measure.points.shape[1]
@@ -190,6 +191,7 @@ def solve_limit(
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
+    chunk_size: int | None = None,
 ) -> Solution:
     """Solve the mean-field limit: the forward McKean-Vlasov ODE, its closed-form
     adjoint ODE, and the gradient map at the depth-grid nodes (SPEC section 6).
@@ -217,6 +219,7 @@ def solve_limit(
     - `times`, `interpolation`: the grid, when `params_grid` is an `AttentionParams`.
     - `solver`, `rtol`, `atol`, `stepsize_controller`, `max_steps`: Diffrax
       options (default Tsit5 with a PID controller at `rtol=1e-6, atol=1e-8`).
+    - `chunk_size`: see [`mfattn.AttentionField`][].
     - `adjoint`: how Diffrax differentiates the *forward* solve if you
       differentiate through `solve_limit` (the returned `grads` never need it).
 
@@ -237,6 +240,7 @@ def solve_limit(
         stepsize_controller,
         max_steps,
         adjoint,
+        chunk_size=chunk_size,
     )
     nodes = path.times
     if ts is None:
@@ -285,6 +289,7 @@ def limit_gradient(
     atol: float = 1e-8,
     stepsize_controller=None,
     max_steps: int = 4096,
+    chunk_size: int | None = None,
 ):
     """The exact gradient of the limit's loss with respect to the grid
     parameters, in the mean-field normalisation `M dLoss/dtheta_j^m / c_j`
@@ -310,7 +315,7 @@ def limit_gradient(
     c = path.basis_integrals()[:, None, None, None]
     if isinstance(method, diffrax.AbstractAdjoint):
         check_model_inputs(path.params, measure, loss, None, None, name="params_grid")
-        field = AttentionField(beta)
+        field = AttentionField(beta, chunk_size)
         dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
         m = _measure(measure.points.astype(dtype), measure.weights.astype(dtype))
         d = m.points.shape[1]
@@ -351,6 +356,7 @@ def limit_gradient(
         max_steps,
         diffrax.RecursiveCheckpointAdjoint(),
         integrate_gradient=True,
+        chunk_size=chunk_size,
     )
     integral = jax.tree.map(lambda a: a[-1], bwd.ys[2])
     return value, jax.tree.map(lambda a: a / c, integral)

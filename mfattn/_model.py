@@ -34,6 +34,7 @@ class DiscreteTransformer(AbstractModel):
 
     params: AttentionParams
     beta: float = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         return solve_discrete(
@@ -43,6 +44,7 @@ class DiscreteTransformer(AbstractModel):
             self.beta,
             test_points=test_points,
             test_labels=test_labels,
+            chunk_size=self.chunk_size,
         )
 
 
@@ -59,6 +61,7 @@ class MeanFieldTransformer(AbstractModel):
     rtol: float = eqx.field(static=True, default=1e-6)
     atol: float = eqx.field(static=True, default=1e-8)
     max_steps: int = eqx.field(static=True, default=4096)
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None, ts=None) -> Solution:
         from ._limit import solve_limit
@@ -76,4 +79,5 @@ class MeanFieldTransformer(AbstractModel):
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,
+            chunk_size=self.chunk_size,
         )
