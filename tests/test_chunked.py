@@ -9,8 +9,7 @@ from helpers import random_loss, random_measure, random_params
 import mfattn
 
 
-@pytest.mark.parametrize("beta", [2.0, 1e3])
-@pytest.mark.parametrize("chunk", [3, 16])
+@pytest.mark.parametrize(("beta", "chunk"), [(2.0, 3), (1e3, 16)])
 def test_chunked_discrete_equals_dense(getkey, beta, chunk):
     measure = random_measure(getkey(), 13, 3)  # 13: not a multiple of the chunk
     params = random_params(getkey(), 3, 4, 3, 2)
