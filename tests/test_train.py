@@ -147,3 +147,25 @@ def test_save_results(tmp_path):
     )
     out = mfattn.save_results(tmp_path / "run", res)
     assert (out / "history.json").exists() and (out / "loss.png").exists()
+
+
+def test_training_compiles_once():
+    """The sampler's Python code runs only while tracing: once for a whole run
+    of equal chunks, so no step is retraced or recompiled."""
+    calls = []
+
+    def sampler(key, batch_size):
+        calls.append(1)
+        return TASK(key, batch_size)
+
+    mfattn.train(
+        _model(2, 2),
+        sampler,
+        optax.adamw(1e-2),
+        20,
+        jax.random.key(0),
+        batch_size=2,
+        steps_per_call=5,
+        progress=False,
+    )
+    assert len(calls) == 1
