@@ -251,8 +251,11 @@ def solve_limit(
             raise ValueError(f"`ts` must be 1-D, got shape {save.shape}")
     xs, zs = jax.vmap(fwd.evaluate)(save)
     ps, pzs = jax.vmap(bwd.evaluate)(save)
-    Xn = jax.vmap(fwd.evaluate)(nodes)[0]
-    Pn = jax.vmap(bwd.evaluate)(nodes)[0]
+    if ts is None:  # the default save times start with the nodes
+        Xn, Pn = xs[: nodes.shape[0]], ps[: nodes.shape[0]]
+    else:
+        Xn = jax.vmap(fwd.evaluate)(nodes)[0]
+        Pn = jax.vmap(bwd.evaluate)(nodes)[0]
 
     def node_grad(X, P, layer):
         return field.backward(_measure(X, measure.weights), layer, P)[2]
