@@ -1,6 +1,11 @@
 """`python -m mfattn` (or `mfattn`): the main job on its built-in default.
 
-Trains a small discrete transformer (L=8 layers, H=8 heads, d=4, k=4) with
+    mfattn                    # the scaling study's --quick preset (< 5 min),
+                              # results in results/scaling_quick.{json,png}
+    mfattn scaling [--quick] [--out FILE]   # the study (full preset without --quick)
+    mfattn train [options]    # train one transformer (below)
+
+`mfattn train` trains a small discrete transformer (L=8 layers, H=8 heads, d=4, k=4) with
 AdamW on the default in-context denoising task, prints the held-out loss
 before and after, and writes the results (history JSON, parameters, loss
 plot, checkpoints) to `--out` (default `results/default`).
@@ -9,6 +14,7 @@ plot, checkpoints) to `--out` (default `results/default`).
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -18,7 +24,23 @@ import mfattn
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mfattn", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
+    if argv and argv[0] == "scaling":
+        argv = argv[1:]
+    elif not argv or argv[0].startswith("-"):  # the default: the quick study
+        argv = ["--quick", "--out", "results/scaling_quick.json"] + argv
+    from .scaling import main as scaling_main
+
+    scaling_main(argv)
+    return 0
+
+
+def train_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="mfattn train", description="Train one discrete transformer."
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)

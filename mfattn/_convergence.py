@@ -2,30 +2,91 @@
 (SPEC section 7), through test particles."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._discrete import solve_discrete
 from ._limit import solve_limit
-from ._params import AttentionParams
+from ._params import AttentionParams, _check_sizes
 
 
-def antithetic_mean_field(key, num_nodes, particles, dim, head_dim, dtype=None):
-    """The mean-field initialisation with antithetic particles: `particles / 2`
-    Xavier-uniform draws and their copies with `O -> -O`. Xavier-uniform is
-    invariant under the flip, so the law `nu_0` is exact, and the empirical
-    mean of `O` is exactly zero, as is the limit velocity at initialisation
-    (SPEC section 6): the particle approximation of the limit has no Monte-Carlo
-    error at `k = 0`.
+def antithetic_mean_field(
+    key,
+    num_nodes,
+    particles,
+    dim,
+    head_dim,
+    dtype=None,
+    *,
+    method: str = "random",
+    independent_nodes: bool = False,
+):
+    """The mean-field initialisation (SPEC section 6) with variance reduction that
+    keeps the law `nu_0` exact.
+
+    `particles / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
+    Xavier-uniform is invariant under that flip, so the law is exact, the
+    empirical mean of `O` is exactly zero, and so is the limit velocity at
+    initialisation (SPEC section 6): the particle approximation of the limit has
+    no Monte-Carlo error at `k = 0`.
+
+    **Arguments:**
+
+    - `key`, `num_nodes`, `particles` (even), `dim`, `head_dim`, `dtype`: as in
+      [`mfattn.AttentionParams.mean_field`][].
+    - `method`: `"random"` (i.i.d. uniform draws) or `"sobol"` (the `4 d k`
+      uniform entries of the first half are a scrambled Sobol sequence, seeded
+      from `key`: randomised quasi-Monte Carlo, still exactly `nu_0` marginally
+      for every particle). `"sobol"` works best with `particles / 2` a power
+      of two.
+    - `independent_nodes`: if `False` (SPEC section 6), the same draws sit at
+      every depth node. If `True`, every node gets its own draws: the law at
+      every node is still exactly `nu_0`, and after training exactly
+      `Phi_k(., t_j) # nu_0` in the limit `M -> oo`, but the Monte-Carlo errors
+      of different nodes are independent and average out along depth, so a
+      flow through `J` nodes sees about `J M` particles instead of `M`. Use it
+      with `interpolation="constant"`: linear interpolation between independent
+      particles would not preserve the law between nodes.
     """
     if particles % 2:
         raise ValueError(f"`particles` must be even for antithetic pairs, got {particles}")
-    half = AttentionParams.mean_field(key, num_nodes, particles // 2, dim, head_dim, dtype)
+    if method not in ("random", "sobol"):
+        raise ValueError(f"`method` must be 'random' or 'sobol', got {method!r}")
+    draw = AttentionParams.mean_field if method == "random" else _sobol_mean_field
+    if independent_nodes:
+        _check_sizes(num_nodes=num_nodes)
+        nodes = [
+            draw(jax.random.fold_in(key, j), 1, particles // 2, dim, head_dim, dtype)
+            for j in range(num_nodes)
+        ]
+        half = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *nodes)
+    else:
+        half = draw(key, num_nodes, particles // 2, dim, head_dim, dtype)
     return AttentionParams(
         *(
             jnp.concatenate([a, b], axis=1)
             for a, b in zip((half.Q, half.K, half.V, half.O), (half.Q, half.K, half.V, -half.O))
         )
     )
+
+
+def _sobol_mean_field(key, num_nodes, particles, dim, head_dim, dtype):
+    import warnings
+
+    from scipy.stats import qmc
+
+    _check_sizes(num_nodes=num_nodes, particles=particles, dim=dim, head_dim=head_dim)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    seed = np.asarray(jax.random.bits(key, (4,), dtype=jnp.uint32))
+    sampler = qmc.Sobol(d=4 * dim * head_dim, scramble=True, seed=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # "balance properties" warning for non-powers of two
+        warnings.simplefilter("ignore", UserWarning)
+        u = sampler.random(particles)
+    a = np.sqrt(6.0 / (dim + head_dim))
+    mats = (a * (2.0 * u - 1.0)).reshape(particles, 4, dim, head_dim)
+    mats = jnp.asarray(mats, dtype=dtype)
+    return AttentionParams(*(jnp.repeat(mats[None, :, i], num_nodes, axis=0) for i in range(4)))
 
 
 @eqx.filter_jit
@@ -51,7 +112,8 @@ def flow_error(
     by the field of the same token measure.
 
     **Returns:** `(m,)`, one error per test particle (take the max for the
-    uniform error, one entry for a pointwise error).
+    uniform error, one entry for a pointwise error). It is differentiable in
+    `test_points`, for an adversarial search of the sup over `z`.
     """
     L = disc_params.depth
     disc = solve_discrete(
@@ -71,6 +133,13 @@ def flow_error(
         atol=atol,
         max_steps=max_steps,
     )
-    dx = jnp.linalg.norm(disc.test_xs - lim.test_xs, axis=-1)
-    dp = jnp.linalg.norm(disc.test_ps - lim.test_ps, axis=-1)
-    return jnp.max(dx + dp, axis=0)
+    return jnp.max(_norm(disc.test_xs - lim.test_xs) + _norm(disc.test_ps - lim.test_ps), axis=0)
+
+
+def _norm(x):
+    """Euclidean norm over the last axis, with a zero (not NaN) gradient at 0, so
+    that `flow_error` can be differentiated in `test_points` (at `l = 0` the two
+    states coincide)."""
+    sq = jnp.sum(x**2, axis=-1)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)

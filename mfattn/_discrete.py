@@ -54,6 +54,7 @@ def solve_discrete(
     test_points=None,
     test_labels=None,
     chunk_size: int | None = None,
+    mesh=None,
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
@@ -85,13 +86,15 @@ def solve_discrete(
     - `test_labels`: labels of the test particles for supervised losses.
     - `chunk_size`: see [`mfattn.AttentionField`][] (`None`: dense; an int: keys in
       blocks, memory `O(n * chunk_size)` per head and layer).
+    - `mesh`: a `jax.sharding.Mesh` to shard the tokens over its devices (see
+      [`mfattn.AttentionField`][]), or `None`.
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
     points are given.
     """
     test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
-    field = AttentionField(beta, chunk_size)
+    field = AttentionField(beta, chunk_size, mesh)
     L = params.depth
     dt = 1.0 / L
     dtype = jnp.result_type(measure.points.dtype, params.dtype)
@@ -101,11 +104,13 @@ def solve_discrete(
 
     def euler_step(carry, layer):
         x, z = carry
-        vx, vz = field.forward(measure.with_points(x), layer, z)
+        vx, vz, cache = field.forward(measure.with_points(x), layer, z, return_cache=True)
         z_next = None if z is None else z + dt * vz
-        return (x + dt * vx, z_next), (x, z)
+        return (x + dt * vx, z_next), (x, z, cache)
 
-    (x_last, z_last), (xs, zs) = lax.scan(euler_step, (measure.points, test_points), params)
+    # the attention outputs and log-normalisers of every layer (O(n) memory) are
+    # kept for the adjoint pass, which then needs one pass over the keys, not two
+    (x_last, z_last), (xs, zs, caches) = lax.scan(euler_step, (measure.points, test_points), params)
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
 
@@ -118,15 +123,15 @@ def solve_discrete(
 
     def adjoint_step(carry, inputs):
         p, pz = carry
-        x, z, layer = inputs
-        b, bz, g = field.backward(measure.with_points(x), layer, p, z, pz)
+        x, z, layer, cache = inputs
+        b, bz, g = field.backward(measure.with_points(x), layer, p, z, pz, cache=cache)
         pz_prev = None if pz is None else pz + dt * bz
         return (p + dt * b, pz_prev), (p, pz, g)
 
     (p_first, pz_first), (ps_next, pzs_next, grads) = lax.scan(
         adjoint_step,
         (p_last, pz_last),
-        (xs[:-1], None if zs is None else zs[:-1], params),
+        (xs[:-1], None if zs is None else zs[:-1], params, caches),
         reverse=True,
     )
     ps = jnp.concatenate([p_first[None], ps_next], axis=0)
@@ -136,11 +141,11 @@ def solve_discrete(
 
 
 @eqx.filter_jit
-def discrete_loss(params, measure, loss, beta, chunk_size=None):
+def discrete_loss(params, measure, loss, beta, chunk_size=None, mesh=None):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
     differentiates in the tests (and that users can differentiate freely)."""
     check_model_inputs(params, measure, loss, None, None)
-    field = AttentionField(beta, chunk_size)
+    field = AttentionField(beta, chunk_size, mesh)
     dt = 1.0 / params.depth
 
     def euler_step(x, layer):

@@ -2,9 +2,10 @@
 
 import equinox as eqx
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from . import _kernel
+from . import _kernel, _sharding
 from ._checks import as_float_array, check_beta
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
@@ -55,6 +56,12 @@ class AttentionField(eqx.Module):
       of that size with an online softmax and recomputed densities, one head at
       a time, so memory is `O(m * chunk_size)` per head (long sequences). Both
       give the same numbers to rounding.
+    - `mesh`: `None` (default) runs on one device. A `jax.sharding.Mesh` shards
+      the queries (tokens and test particles) of every kernel call over all its
+      devices with `jax.shard_map`; keys are gathered on every device and
+      key-side sums are reduced across devices. Combine with `chunk_size` for
+      long sequences on many devices. The numbers are those of one device, to
+      rounding.
 
     Methods take query points `x` of shape `(d,)` or `(m, d)`, an
     [`mfattn.EmpiricalMeasure`][], and one layer's heads (an
@@ -63,31 +70,55 @@ class AttentionField(eqx.Module):
 
     beta: float | Float[Array, ""]
     chunk_size: int | None = eqx.field(static=True, default=None)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
-    def __init__(self, beta, chunk_size: int | None = None):
+    def __init__(self, beta, chunk_size: int | None = None, mesh: Mesh | None = None):
         self.beta = check_beta(beta)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(
+                f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}"
+            )
+        self.mesh = None if mesh is None else _sharding.auto_mesh(mesh)
 
     # Kernel dispatch: dense (one (H, m, n) block, fastest for small n) or chunked
     # over keys with O(m * chunk_size) memory per head (long sequences).
     def _k_forward(self, q, k, v, w):
         if self.chunk_size is None:
-            return _kernel.forward(q, k, v, w, self.beta)
-        return _kernel.forward_chunked(q, k, v, w, self.beta, self.chunk_size)
+            f = lambda q, k, v, w: _kernel.forward(q, k, v, w, self.beta)
+        else:
+            f = lambda q, k, v, w: _kernel.forward_chunked(q, k, v, w, self.beta, self.chunk_size)
+        if self.mesh is None:
+            return f(q, k, v, w)
+        return _sharding.forward(self.mesh, f, q, k, v, w)
 
     def _k_query_side(self, q, k, v, w, o, lse, c):
-        if self.chunk_size is None:
-            return _kernel.query_side(q, k, v, w, o, lse, c, self.beta)
-        return _kernel.query_side_chunked(q, k, v, w, o, lse, c, self.beta, self.chunk_size)
+        b, cs = self.beta, self.chunk_size
+        if cs is None:
+            f = lambda *a: _kernel.query_side(*a, b)
+        else:
+            f = lambda *a: _kernel.query_side_chunked(*a, b, cs)
+        if self.mesh is None:
+            return f(q, k, v, w, o, lse, c)
+        return _sharding.query_side(self.mesh, f, q, k, v, w, o, lse, c)
 
     def _k_key_side(self, q, o, lse, c, u, kp, vp):
-        if self.chunk_size is None:
-            return _kernel.key_side(q, o, lse, c, u, kp, vp, self.beta)
-        return _kernel.key_side_chunked(q, o, lse, c, u, kp, vp, self.beta, self.chunk_size)
+        b, cs = self.beta, self.chunk_size
+        if cs is None:
+            f = lambda *a: _kernel.key_side(*a, b)
+        else:
+            f = lambda *a: _kernel.key_side_chunked(*a, b, cs)
+        if self.mesh is None:
+            return f(q, o, lse, c, u, kp, vp)
+        return _sharding.key_side(self.mesh, f, q, o, lse, c, u, kp, vp)
 
     def _k_backward(self, q, k, v, w, o, lse, c):
+        if self.mesh is not None:  # the two sides shard differently
+            dq = self._k_query_side(q, k, v, w, o, lse, c)
+            dk, dv = self._k_key_side(q, o, lse, c, w, k, v)
+            return dq, dk, dv
         if self.chunk_size is None:
             return _kernel.backward(q, k, v, w, o, lse, c, self.beta)
         return _kernel.backward_chunked(q, k, v, w, o, lse, c, self.beta, self.chunk_size)
@@ -209,20 +240,32 @@ class AttentionField(eqx.Module):
 
     # ------------------------------------------- solver-facing contractions
     @eqx.filter_jit
-    def forward(self, measure: EmpiricalMeasure, params: AttentionParams, test_points=None):
+    def forward(
+        self,
+        measure: EmpiricalMeasure,
+        params: AttentionParams,
+        test_points=None,
+        *,
+        return_cache: bool = False,
+    ):
         """Velocities of the atoms and of optional test points `z (m, d)`
         (test points are moved by the field but do not act on the measure).
 
-        **Returns:** `(v_atoms (n, d), v_test (m, d) or None)`.
+        **Returns:** `(v_atoms (n, d), v_test (m, d) or None)`, and with
+        `return_cache=True` a third element: the per-head attention outputs and
+        log-normalisers `(o (H, n+m, k), lse (H, n+m))`, `O(n)` memory, which
+        [`mfattn.AttentionField.backward`][] accepts as `cache` instead of
+        recomputing them (one pass over the keys less).
         """
         check_layer(measure, params)
         pts = measure.points
         if test_points is not None:
             pts = jnp.concatenate([pts, test_points], axis=0)
-        o, _ = self._attend(pts, measure, params)
+        o, lse = self._attend(pts, measure, params)
         vel = jnp.einsum("hdk,hmk->md", params.O, o) / params.heads
         n = measure.num_points
-        return vel[:n], (None if test_points is None else vel[n:])
+        out = vel[:n], (None if test_points is None else vel[n:])
+        return out + ((o, lse),) if return_cache else out
 
     def backward(
         self,
@@ -231,6 +274,7 @@ class AttentionField(eqx.Module):
         p,
         test_points=None,
         test_p=None,
+        cache=None,
     ):
         """One step of the closed-form adjoint (SPEC section 4).
 
@@ -243,14 +287,19 @@ class AttentionField(eqx.Module):
         gradient map `g(theta_h) = sum_i w_i grad_theta G(x_i; theta_h)^T p_i`.
 
         **Returns:** `(b_atoms (n, d), b_test (m, d) or None, grads)`, `grads`
-        an `AttentionParams` with leaves `(H, d, k)`.
+        an `AttentionParams` with leaves `(H, d, k)`. `cache`: the third output
+        of `forward(..., return_cache=True)` at the same points, or `None`.
         """
         check_layer(measure, params)
         x, w, H = measure.points, measure.weights, params.heads
         q = _kernel.project(x, params.Q)
         k = _kernel.project(x, params.K)
         v = _kernel.project(x, params.V)
-        o, lse = self._k_forward(q, k, v, w)
+        n = x.shape[0]
+        if cache is None:
+            o, lse = self._k_forward(q, k, v, w)
+        else:
+            o, lse = cache[0][:, :n], cache[1][:, :n]
         c = jnp.einsum("hdk,md->hmk", params.O, p)
         dq, dk, dv = self._k_backward(q, k, v, w, o, lse, c)
         bracket = _to_tokens(params, dq, dk, dv) / H
@@ -261,7 +310,10 @@ class AttentionField(eqx.Module):
         qz = _kernel.project(z, params.Q)
         kz = _kernel.project(z, params.K)
         vz = _kernel.project(z, params.V)
-        oz, lsez = self._k_forward(qz, k, v, w)
+        if cache is None:
+            oz, lsez = self._k_forward(qz, k, v, w)
+        else:
+            oz, lsez = cache[0][:, n:], cache[1][:, n:]
         cz = jnp.einsum("hdk,md->hmk", params.O, test_p)
         dqz = self._k_query_side(qz, k, v, w, oz, lsez, cz)
         dkz, dvz = self._k_key_side(q, o, lse, c, w, kz, vz)

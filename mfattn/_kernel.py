@@ -185,9 +185,29 @@ def key_side_chunked(q, o, lse, c, u, kp, vp, beta, chunk):
     return lax.map(lambda a: _key_side_head(*a[:4], u, *a[4:], beta, chunk), (q, o, lse, c, kp, vp))
 
 
+def _backward_head(q, k, v, w, o, lse, c, beta, chunk):
+    """Fused backward for one head, queries = keys = the atoms (`u = w`): one
+    pass over key blocks computes each density block once and uses it for the
+    query side (accumulated `dq`) and the key side (that block's `dk, dv`)."""
+    n, kdim = k.shape
+    kb, vb, wb = _blocks(k, chunk), _blocks(v, chunk), _blocks(w, chunk)
+    delta = jnp.sum(c * o, -1)
+    cap = float(np.log(np.finfo(q.dtype).max)) / 4
+    cw = c * w[:, None]  # query weights folded into the cotangents
+    qw = q * w[:, None]
+
+    def body(dq, blk):
+        kk, vv, ww = blk
+        A = jnp.exp(jnp.minimum(beta * q @ kk.T - lse[:, None], cap))  # (n, chunk)
+        dS = A * (c @ vv.T - delta[:, None])
+        dq = dq + beta * (dS * ww) @ kk
+        return dq, (beta * dS.T @ qw, A.T @ cw)
+
+    dq, (dk, dv) = lax.scan(body, jnp.zeros_like(q), (kb, vb, wb))
+    return dq, dk.reshape(-1, kdim)[:n], dv.reshape(-1, kdim)[:n]
+
+
 def backward_chunked(q, k, v, w, o, lse, c, beta, chunk):
-    """[`backward`][] with `O(n * chunk)` memory per head (two passes over key
-    blocks: one accumulating `dq`, one producing `dk, dv` block by block)."""
-    dq = query_side_chunked(q, k, v, w, o, lse, c, beta, chunk)
-    dk, dv = key_side_chunked(q, o, lse, c, w, k, v, beta, chunk)
-    return dq, dk, dv
+    """[`backward`][] with `O(n * chunk)` memory per head: one fused pass over
+    key blocks per head, each density block computed once."""
+    return lax.map(lambda a: _backward_head(*a[:3], w, *a[3:], beta, chunk), (q, k, v, o, lse, c))

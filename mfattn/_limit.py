@@ -123,12 +123,13 @@ def _solve(
     adjoint,
     integrate_gradient=False,
     chunk_size=None,
+    mesh=None,
 ):
     path = as_path(params_grid, times, interpolation)
     test_points, test_labels = check_model_inputs(
         path.params, measure, loss, test_points, test_labels, name="params_grid"
     )
-    field = AttentionField(beta, chunk_size)
+    field = AttentionField(beta, chunk_size, mesh)
     dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
     measure = _measure(measure.points.astype(dtype), measure.weights.astype(dtype))
     d = measure.points.shape[1]
@@ -192,6 +193,7 @@ def solve_limit(
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
     chunk_size: int | None = None,
+    mesh=None,
 ) -> Solution:
     """Solve the mean-field limit: the forward McKean-Vlasov ODE, its closed-form
     adjoint ODE, and the gradient map at the depth-grid nodes (SPEC section 6).
@@ -219,7 +221,7 @@ def solve_limit(
     - `times`, `interpolation`: the grid, when `params_grid` is an `AttentionParams`.
     - `solver`, `rtol`, `atol`, `stepsize_controller`, `max_steps`: Diffrax
       options (default Tsit5 with a PID controller at `rtol=1e-6, atol=1e-8`).
-    - `chunk_size`: see [`mfattn.AttentionField`][].
+    - `chunk_size`, `mesh`: see [`mfattn.AttentionField`][].
     - `adjoint`: how Diffrax differentiates the *forward* solve if you
       differentiate through `solve_limit` (the returned `grads` never need it).
 
@@ -241,6 +243,7 @@ def solve_limit(
         max_steps,
         adjoint,
         chunk_size=chunk_size,
+        mesh=mesh,
     )
     nodes = path.times
     if ts is None:
@@ -293,6 +296,7 @@ def limit_gradient(
     stepsize_controller=None,
     max_steps: int = 4096,
     chunk_size: int | None = None,
+    mesh=None,
 ):
     """The exact gradient of the limit's loss with respect to the grid
     parameters, in the mean-field normalisation `M dLoss/dtheta_j^m / c_j`
@@ -318,7 +322,7 @@ def limit_gradient(
     c = path.basis_integrals()[:, None, None, None]
     if isinstance(method, diffrax.AbstractAdjoint):
         check_model_inputs(path.params, measure, loss, None, None, name="params_grid")
-        field = AttentionField(beta, chunk_size)
+        field = AttentionField(beta, chunk_size, mesh)
         dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
         m = _measure(measure.points.astype(dtype), measure.weights.astype(dtype))
         d = m.points.shape[1]
@@ -360,6 +364,7 @@ def limit_gradient(
         diffrax.RecursiveCheckpointAdjoint(),
         integrate_gradient=True,
         chunk_size=chunk_size,
+        mesh=mesh,
     )
     integral = jax.tree.map(lambda a: a[-1], bwd.ys[2])
     return value, jax.tree.map(lambda a: a / c, integral)

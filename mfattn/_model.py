@@ -35,6 +35,7 @@ class DiscreteTransformer(AbstractModel):
     params: AttentionParams
     beta: float = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True, default=None)
+    mesh: object = eqx.field(static=True, default=None)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         return solve_discrete(
@@ -45,6 +46,7 @@ class DiscreteTransformer(AbstractModel):
             test_points=test_points,
             test_labels=test_labels,
             chunk_size=self.chunk_size,
+            mesh=self.mesh,
         )
 
 
@@ -62,6 +64,7 @@ class MeanFieldTransformer(AbstractModel):
     atol: float = eqx.field(static=True, default=1e-8)
     max_steps: int = eqx.field(static=True, default=4096)
     chunk_size: int | None = eqx.field(static=True, default=None)
+    mesh: object = eqx.field(static=True, default=None)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None, ts=None) -> Solution:
         from ._limit import solve_limit
@@ -80,4 +83,5 @@ class MeanFieldTransformer(AbstractModel):
             atol=self.atol,
             max_steps=self.max_steps,
             chunk_size=self.chunk_size,
+            mesh=self.mesh,
         )
