@@ -61,7 +61,11 @@ class AttentionField(eqx.Module):
       devices with `jax.shard_map`; keys are gathered on every device and
       key-side sums are reduced across devices. Combine with `chunk_size` for
       long sequences on many devices. The numbers are those of one device, to
-      rounding.
+      rounding. The mesh's axes are used as `Auto` axes (an `Explicit` mesh,
+      `jax.make_mesh`'s default, is converted); to place data on the devices
+      yourself, e.g. parameters replicated so that a jitted training step sees
+      the same input shardings at every call, create the mesh with
+      `axis_types=(jax.sharding.AxisType.Auto,) * ndim`.
 
     Methods take query points `x` of shape `(d,)` or `(m, d)`, an
     [`mfattn.EmpiricalMeasure`][], and one layer's heads (an

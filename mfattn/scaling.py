@@ -691,6 +691,67 @@ def _print(s):
     )
 
 
+def table(data) -> str:
+    """The study's results as Markdown (the tables of `benchmarks/README.md`)."""
+    cfg, s, pts = data["config"], data["summary"], data["points"]
+    hm = s["heatmap"]
+    Ls, Hs = sorted(set(hm["L"])), sorted(set(hm["H"]))
+    cell = {(L, H): m for L, H, m in zip(hm["L"], hm["H"], hm["mean"])}
+    lines = [
+        f"Mean over {cfg['inits']} initialisations of the {hm['kind']} error (rows L, columns H):",
+        "",
+        "| L \\ H | " + " | ".join(map(str, Hs)) + " |",
+        "| --: | " + " | ".join("--:" for _ in Hs) + " |",
+    ]
+    for L in Ls:
+        row = [f"{cell[(L, H)]:.4f}" if (L, H) in cell else "" for H in Hs]
+        lines.append(f"| {L} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "| sweep | x | uniform (adversarial) | uniform (random z) | pointwise | slopes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in ("L", "H"):
+        u, r, p = (s[f"{k}_vs_{v}"] for k in ("uniform", "uniform_random", "pointwise"))
+        at = f"H = {max(cfg['H'])}" if v == "L" else f"L = {max(cfg['L'])}"
+        fmt = lambda e: " ".join(f"{m:.4f}" for m in e["mean"])
+        sl = lambda e: f"{e['slope']:.2f} [{e['slope_ci95'][0]:.2f}, {e['slope_ci95'][1]:.2f}]"
+        lines.append(
+            f"| {v} at {at} | {u['x']} | {fmt(u)} | {fmt(r)} | {fmt(p)} | "
+            f"{sl(u)} / {sl(r)} / {sl(p)} |"
+        )
+    for k in ("uniform_vs_n", "uniform_vs_d_adamw", "uniform_vs_d_blockwise"):
+        e = s[k]
+        lines.append(
+            f"| {k[len('uniform_vs_') :]} at (L, H) = {tuple(cfg['sweep_LH'])} | "
+            f"{e['x']} | | {' '.join(f'{m:.4f}' for m in e['mean'])} | | "
+            f"{e['slope']:.2f} [{e['slope_ci95'][0]:.2f}, {e['slope_ci95'][1]:.2f}] |"
+        )
+    cf = s["combined_fit"]
+    r = s["reference"]
+    lines += [
+        "",
+        f"Combined fit `a/L + b L^-alpha H^-gamma` ({cf['kind']}): a = {cf['a']:.3g} "
+        f"{[round(x, 3) for x in cf['a_ci95']]}, b = {cf['b']:.3g}, alpha = "
+        f"{cf['alpha']:.3f} {[round(x, 3) for x in cf['alpha_ci95']]}, gamma = "
+        f"{cf['gamma']:.3f} {[round(x, 3) for x in cf['gamma_ci95']]}; RMS log-residual "
+        f"{cf['rms_log_residual']:.3f}, against {cf['theorem_fixed']['rms_log_residual']:.3f}"
+        f" with the theorem's exponents (1/3, 1/2) and "
+        f"{cf['resnet_fixed']['rms_log_residual']:.3f} with the ResNet ones (1/2, 1/2).",
+        "",
+        f"Limit's own error: M = {r['base_particles']} against "
+        f"{r['base_reference_particles']} particles per node: {r['base_error']:.4g}; "
+        f"smallest discrete error {r['smallest_discrete_error']:.4g} (ratio "
+        f"{r['ratio']:.3f}, below a fifth: {r['below_a_fifth']}). Sweeps (M = "
+        f"{cfg['sweep_particles']} against {cfg['sweep_ref_factor'] * cfg['sweep_particles']}"
+        f"): worst ratio to their discrete error {r['sweeps_worst_ratio']:.3f}.",
+        "",
+        f"Wall time: {data.get('wall_seconds', float('nan')) / 60:.1f} min.",
+    ]
+    del pts
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0]
@@ -698,7 +759,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the < 5 minute preset")
     ap.add_argument("--out", default=None, help="JSON output (the PNG goes next to it)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        preset = "quick" if args.quick else "full"
+        out = pathlib.Path(args.out or f"benchmarks/results/scaling_{preset}.json")
+        print(table(json.loads(out.read_text())))
+        return None
     jax.config.update("jax_enable_x64", True)
     preset = "quick" if args.quick else "full"
     data = run(preset, args.out, progress=not args.no_progress)

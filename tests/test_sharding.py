@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def mesh8():
-    return jax.make_mesh((8,), ("tokens",), devices=jax.devices()[:8])
+def mesh8(axis_type=AxisType.Auto):
+    return jax.make_mesh((8,), ("tokens",), devices=jax.devices()[:8], axis_types=(axis_type,))
 
 
 @pytest.mark.parametrize(("beta", "chunk"), [(2.0, None), (1e3, 4)])
@@ -30,8 +30,9 @@ def test_token_sharded_discrete_equals_single_device(getkey, beta, chunk):
     loss = random_loss(getkey(), "mmd", measure)
     z = jax.random.normal(getkey(), (5, 3))
     one = mfattn.solve_discrete(params, measure, loss, beta, test_points=z)
+    # jax.make_mesh's default (Explicit axes) is accepted too
     many = mfattn.solve_discrete(
-        params, measure, loss, beta, test_points=z, chunk_size=chunk, mesh=mesh8()
+        params, measure, loss, beta, test_points=z, chunk_size=chunk, mesh=mesh8(AxisType.Explicit)
     )
     for name in ("xs", "ps", "test_xs", "test_ps"):
         assert rel_err(getattr(many, name), getattr(one, name)) < 1e-10, name
@@ -57,9 +58,7 @@ def test_batch_sharded_training_equals_single_device(getkey):
     task = mfattn.DenoisingTask(dim=3, num_tokens=8)
     params = random_params(getkey(), 2, 3, 3, 2)
     model = mfattn.DiscreteTransformer(params, 1.0)
-    mesh = jax.make_mesh(
-        (8,), ("batch",), devices=jax.devices()[:8], axis_types=(AxisType.Auto,)
-    )
+    mesh = jax.make_mesh((8,), ("batch",), devices=jax.devices()[:8], axis_types=(AxisType.Auto,))
     batch = NamedSharding(mesh, P("batch"))
 
     def sharded_task(key, size):
@@ -79,3 +78,31 @@ def test_mesh_is_checked():
     with pytest.raises(TypeError, match="mesh"):
         mfattn.AttentionField(1.0, mesh="devices")
     assert jnp.isfinite(jnp.array(1.0))
+
+
+def test_fast_path_training_step_traces_once(getkey):
+    """A training step on the chunked, token-sharded path is traced (and so
+    compiled) once, however many steps run."""
+    import equinox as eqx
+
+    measure = random_measure(getkey(), 12, 3)
+    loss = random_loss(getkey(), "denoise", measure)
+    opt = mfattn.blockwise_adamw(1e-2)
+    mesh = mesh8()
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(params, state):
+        sol = mfattn.solve_discrete(params, measure, loss, 2.0, chunk_size=4, mesh=mesh)
+        updates, state = opt.update(sol.grads, state, params)
+        return eqx.apply_updates(params, updates), state, sol.loss
+
+    # parameters (and so the optimiser state) replicated over the mesh, as the
+    # step's outputs are: otherwise the second call sees new input shardings
+    params = random_params(getkey(), 2, 3, 3, 2)
+    params, state = jax.device_put((params, opt.init(params)), NamedSharding(mesh, P()))
+    losses = []
+    for _ in range(4):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]

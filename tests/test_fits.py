@@ -1,0 +1,27 @@
+"""The scaling study's fits recover known exponents from synthetic data."""
+
+import numpy as np
+
+from mfattn.scaling import combined_fit, slope_fit
+
+
+def test_slope_fit_recovers_a_power_law():
+    rng = np.random.default_rng(0)
+    xs = np.array([2, 4, 8, 16, 32])
+    per = 0.7 * xs[:, None] ** -0.4 * np.exp(0.02 * rng.standard_normal((5, 6)))
+    slope, (lo, hi) = slope_fit(xs, per, rng, boots=300)
+    assert abs(slope + 0.4) < 0.02 and lo < -0.4 < hi
+
+
+def test_combined_fit_recovers_the_exponents():
+    rng = np.random.default_rng(1)
+    Ls, Hs = np.meshgrid([2, 4, 8, 16, 32], [4, 16, 64, 256], indexing="ij")
+    Ls, Hs = Ls.ravel(), Hs.ravel()
+    true = 0.3 / Ls + 2.0 * Ls**-0.6 * Hs**-0.45
+    per = true[:, None] * np.exp(0.01 * rng.standard_normal((Ls.size, 5)))
+    fit = combined_fit(Ls, Hs, per, rng, boots=50)
+    assert abs(fit["alpha"] - 0.6) < 0.05 and abs(fit["gamma"] - 0.45) < 0.03
+    assert abs(fit["a"] - 0.3) < 0.05
+    assert fit["alpha_ci95"][0] <= fit["alpha"] <= fit["alpha_ci95"][1]
+    # the fixed-exponent fits are worse on data that do not follow them
+    assert fit["rms_log_residual"] < fit["theorem_fixed"]["rms_log_residual"]
