@@ -28,9 +28,17 @@ import sys
 import time
 
 SIZES = {
-    "small": dict(B=8, n=64, d=16, k=4, L=8, H=16, chunk=None),
-    "medium": dict(B=8, n=256, d=16, k=4, L=32, H=64, chunk=None),
-    "long": dict(B=1, n=4096, d=16, k=4, L=8, H=16, chunk=512),
+    "small": dict(B=8, n=64, d=16, k=4, L=8, H=16),
+    "medium": dict(B=8, n=256, d=16, k=4, L=32, H=64),
+    "long": dict(B=1, n=4096, d=16, k=4, L=8, H=16),
+}
+# the mfattn configurations timed at each size: (chunk_size, devices); chunk 0 is
+# the dense kernel; devices > 1 shards over that many host CPU devices (the batch
+# of token sets when B > 1, the tokens when B = 1), i.e. the cores
+VARIANTS = {
+    "small": [(0, 1), (0, 0)],
+    "medium": [(0, 1), (128, 1), (128, 0)],
+    "long": [(64, 1), (64, 0)],
 }
 LIMIT = dict(n=64, d=8, k=4, J=8, M=32, rtol=1e-6, atol=1e-8, beta=1.0)
 
@@ -41,6 +49,7 @@ def _rss_mib():
 
 def _time(f, repeats):
     f()  # warm-up (compilation)
+    f()  # and again: a step whose outputs come back with another sharding recompiles once
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -61,10 +70,9 @@ def _data(cfg, seed=0):
     return params, x, y
 
 
-def worker_step(framework, size, repeats, chunk=None):
+def worker_step(framework, size, repeats, chunk=0, devices=1):
     cfg = dict(SIZES[size])
-    if chunk is not None:
-        cfg["chunk"] = None if chunk == 0 else chunk
+    cfg["chunk"] = None if chunk == 0 else chunk
     params, x, y = _data(cfg)
     rss0 = _rss_mib()
     if framework == "torch":
@@ -81,17 +89,30 @@ def worker_step(framework, size, repeats, chunk=None):
         import equinox as eqx
         import jax
         import jax.numpy as jnp
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
         import mfattn
 
+        mesh = None
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        if devices > 1:
+            assert jax.device_count() == devices, jax.devices()
+            axis = "tokens" if cfg["B"] == 1 else "batch"
+            mesh = jax.make_mesh((devices,), (axis,), axis_types=(AxisType.Auto,))
+            if axis == "batch":  # data parallel: the token sets split over devices
+                x, y = (jax.device_put(a, NamedSharding(mesh, PartitionSpec(axis))) for a in (x, y))
+                mesh = None
         model = mfattn.DiscreteTransformer(
-            mfattn.AttentionParams(*map(jnp.asarray, params)), 1.0, chunk_size=cfg["chunk"]
+            mfattn.AttentionParams(*map(jnp.asarray, params)),
+            1.0,
+            chunk_size=cfg["chunk"],
+            mesh=mesh,
         )
         opt = mfattn.blockwise_adamw(1e-2)
         state = opt.init(model.params)
         measures, losses = jax.vmap(
             lambda x, y: (mfattn.EmpiricalMeasure(x), mfattn.DenoisingLoss(y))
-        )(jnp.asarray(x), jnp.asarray(y))
+        )(x, y)
 
         @eqx.filter_jit
         def step(model, state, measures, losses):
@@ -107,7 +128,8 @@ def worker_step(framework, size, repeats, chunk=None):
             jax.block_until_ready(box["m"])
 
         ts = _time(run, repeats)
-        label = f"mfattn ({'dense' if cfg['chunk'] is None else 'chunk ' + str(cfg['chunk'])})"
+        label = f"mfattn ({'dense' if cfg['chunk'] is None else 'chunk ' + str(cfg['chunk'])}"
+        label += f", {devices} devices)" if devices > 1 else ")"
     return {
         "label": label,
         "times": ts,
@@ -190,9 +212,13 @@ def worker_peak(repeats):
     return out
 
 
-def _sub(args):
+def _sub(args, devices=1):
     cmd = [sys.executable, "-m", "benchmarks.speed", "--worker", *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -213,8 +239,8 @@ def main(argv=None):
     if args.worker:
         kind, *rest = args.worker
         if kind == "step":
-            fw, size, rep, *chunk = rest
-            out = worker_step(fw, size, int(rep), int(chunk[0]) if chunk else None)
+            fw, size, rep, *more = rest
+            out = worker_step(fw, size, int(rep), *map(int, more))
         elif kind == "limit":
             out = worker_limit(rest[0], int(rest[1]))
         else:
@@ -250,10 +276,15 @@ def main(argv=None):
     for size in sizes:
         cfg = SIZES[size]
         flops, exps = nominal(cfg)
-        rows = {"mfattn": _sub(["step", "jax", size, repeats])}
+        rows = {}
+        for chunk, devices in VARIANTS[size]:
+            devices = devices or os.cpu_count()
+            name = f"mfattn-chunk{chunk}-dev{devices}"
+            if name not in rows:
+                rows[name] = _sub(["step", "jax", size, repeats, chunk, devices], devices)
         if have_torch:
             rows["torch"] = _sub(["step", "torch", size, repeats])
-        base = rows.get("torch", rows["mfattn"])["median"]
+        base = rows["torch"]["median"] if have_torch else min(r["median"] for r in rows.values())
         for name, r in rows.items():
             r.update(
                 ratio=r["median"] / base,
@@ -263,7 +294,7 @@ def main(argv=None):
             )
             pk = (
                 peak["jax_matmul_gflops"]
-                if name == "mfattn"
+                if name.startswith("mfattn")
                 else peak.get("torch_matmul_gflops", float("nan"))
             )
             print(

@@ -119,13 +119,15 @@ class AttentionField(eqx.Module):
         return _sharding.key_side(self.mesh, f, q, o, lse, c, u, kp, vp)
 
     def _k_backward(self, q, k, v, w, o, lse, c):
-        if self.mesh is not None:  # the two sides shard differently
-            dq = self._k_query_side(q, k, v, w, o, lse, c)
-            dk, dv = self._k_key_side(q, o, lse, c, w, k, v)
-            return dq, dk, dv
-        if self.chunk_size is None:
-            return _kernel.backward(q, k, v, w, o, lse, c, self.beta)
-        return _kernel.backward_chunked(q, k, v, w, o, lse, c, self.beta, self.chunk_size)
+        b, cs = self.beta, self.chunk_size
+        if cs is None:
+            f = lambda *a, u=None: _kernel.backward(*a, b, u=u)
+        else:
+            f = lambda *a, u=None: _kernel.backward_chunked(*a, b, cs, u=u)
+        if self.mesh is None:
+            return f(q, k, v, w, o, lse, c)
+        g = lambda q, k, v, w, o, lse, c, u: f(q, k, v, w, o, lse, c, u=u)
+        return _sharding.backward(self.mesh, g, q, k, v, w, o, lse, c)
 
     # ------------------------------------------------------------------ field
     def __call__(self, x, measure: EmpiricalMeasure, params: AttentionParams):

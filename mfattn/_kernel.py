@@ -83,15 +83,18 @@ def key_side(q, o, lse, c, u, kp, vp, beta):
     return dk, dv
 
 
-def backward(q, k, v, w, o, lse, c, beta):
-    """Both sides at once when the queries are the atoms themselves (`u = w`):
-    one density matrix, reused. Returns `dq, dk, dv`, each `(H, n, k)`."""
+def backward(q, k, v, w, o, lse, c, beta, u=None):
+    """Both sides at once when the queries are the atoms themselves (query
+    weights `u = w`, the default) or a block of them (their weights `u`, as when
+    the queries are sharded): one density matrix, reused. Returns `dq (H, m, k)`
+    and `dk, dv (H, n, k)`."""
+    u = w if u is None else u
     A = density(q, k, lse, beta)
     dS = A * (jnp.einsum("hik,hjk->hij", c, v) - jnp.sum(c * o, -1)[..., None])
     dq = beta * jnp.einsum("hij,hjk->hik", dS * w, k)
-    dSu = dS * w[:, None]
+    dSu = dS * u[:, None]
     dk = beta * jnp.einsum("hij,hik->hjk", dSu, q)
-    dv = jnp.einsum("hij,hik->hjk", A * w[:, None], c)
+    dv = jnp.einsum("hij,hik->hjk", A * u[:, None], c)
     return dq, dk, dv
 
 
@@ -185,16 +188,17 @@ def key_side_chunked(q, o, lse, c, u, kp, vp, beta, chunk):
     return lax.map(lambda a: _key_side_head(*a[:4], u, *a[4:], beta, chunk), (q, o, lse, c, kp, vp))
 
 
-def _backward_head(q, k, v, w, o, lse, c, beta, chunk):
-    """Fused backward for one head, queries = keys = the atoms (`u = w`): one
-    pass over key blocks computes each density block once and uses it for the
-    query side (accumulated `dq`) and the key side (that block's `dk, dv`)."""
+def _backward_head(q, k, v, w, o, lse, c, beta, chunk, u):
+    """Fused backward for one head, queries = the atoms or a block of them
+    (query weights `u`): one pass over key blocks computes each density block
+    once and uses it for the query side (accumulated `dq`) and the key side
+    (that block's `dk, dv`)."""
     n, kdim = k.shape
     kb, vb, wb = _blocks(k, chunk), _blocks(v, chunk), _blocks(w, chunk)
     delta = jnp.sum(c * o, -1)
     cap = float(np.log(np.finfo(q.dtype).max)) / 4
-    cw = c * w[:, None]  # query weights folded into the cotangents
-    qw = q * w[:, None]
+    cw = c * u[:, None]  # query weights folded into the cotangents
+    qw = q * u[:, None]
 
     def body(dq, blk):
         kk, vv, ww = blk
@@ -207,7 +211,10 @@ def _backward_head(q, k, v, w, o, lse, c, beta, chunk):
     return dq, dk.reshape(-1, kdim)[:n], dv.reshape(-1, kdim)[:n]
 
 
-def backward_chunked(q, k, v, w, o, lse, c, beta, chunk):
-    """[`backward`][] with `O(n * chunk)` memory per head: one fused pass over
+def backward_chunked(q, k, v, w, o, lse, c, beta, chunk, u=None):
+    """[`backward`][] with `O(m * chunk)` memory per head: one fused pass over
     key blocks per head, each density block computed once."""
-    return lax.map(lambda a: _backward_head(*a[:3], w, *a[3:], beta, chunk), (q, k, v, o, lse, c))
+    u = w if u is None else u
+    return lax.map(
+        lambda a: _backward_head(*a[:3], w, *a[3:], beta, chunk, u), (q, k, v, o, lse, c)
+    )

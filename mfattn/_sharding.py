@@ -5,7 +5,8 @@ are split along the token axis over all the axes of a `jax.sharding.Mesh`
 with `jax.shard_map`; keys and values are replicated (gathered) on every
 device. Query-side outputs (`o`, `lse`, `dq`) stay sharded; key-side outputs
 (`dk`, `dv`, sums over queries) are reduced with `psum`. Each device runs the
-dense or chunked kernel of `_kernel.py` on its block, so memory per device is
+dense or chunked kernel of `_kernel.py` on its block (the fused backward too:
+one density evaluation per query block serves both sides), so memory per device is
 that of `m / devices` queries. Queries are padded to a multiple of the number
 of devices with weight 0 (they do not contribute to key-side sums) and the
 padding is sliced off.
@@ -75,3 +76,21 @@ def key_side(mesh, kernel, q, o, lse, c, u, kp, vp):
     f = _smap(mesh, local, (S, S, S, S, P(axes), P(), P()), (P(), P()))
     padq = lambda x: _pad(x, 1, pad)
     return f(padq(q), padq(o), padq(lse), padq(c), _pad(u, 0, pad), kp, vp)
+
+
+def backward(mesh, kernel, q, k, v, w, o, lse, c):
+    """`kernel(q, k, v, w, o, lse, c, u) -> (dq, dk, dv)` for queries = the
+    atoms: each device takes a block of queries (weights `u`) against all the
+    keys; `dq` stays sharded, `dk, dv` are reduced."""
+    m, pad = q.shape[1], (-q.shape[1]) % mesh.size
+    S = _spec(mesh)
+    axes = tuple(mesh.axis_names)
+
+    def local(q, k, v, w, o, lse, c, u):
+        dq, dk, dv = kernel(q, k, v, w, o, lse, c, u)
+        return dq, jax.lax.psum(dk, axes), jax.lax.psum(dv, axes)
+
+    f = _smap(mesh, local, (S, P(), P(), P(), S, S, S, P(axes)), (S, P(), P()))
+    padq = lambda x: _pad(x, 1, pad)
+    dq, dk, dv = f(padq(q), k, v, w, padq(o), padq(lse), padq(c), _pad(w, 0, pad))
+    return dq[:, :m], dk, dv

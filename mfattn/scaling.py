@@ -794,8 +794,7 @@ def table(data) -> str:
         f"{cf['gamma']:.3f} {[round(x, 3) for x in cf['gamma_ci95']]}; RMS log-residual "
         f"{cf['rms_log_residual']:.3f}, against {cf['theorem_fixed']['rms_log_residual']:.3f}"
         f" with the theorem's exponents (1/3, 1/2) and "
-        f"{cf['resnet_fixed']['rms_log_residual']:.3f} with the ResNet ones (1/2, 1/2)."
-        + trusted,
+        f"{cf['resnet_fixed']['rms_log_residual']:.3f} with the ResNet ones (1/2, 1/2)." + trusted,
         "",
         final,
         "",
