@@ -93,15 +93,16 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
 
         import mfattn
 
-        mesh = None
+        mesh = None  # token sharding inside every attention call (B = 1)
         x, y = jnp.asarray(x), jnp.asarray(y)
         if devices > 1:
             assert jax.device_count() == devices, jax.devices()
             axis = "tokens" if cfg["B"] == 1 else "batch"
-            mesh = jax.make_mesh((devices,), (axis,), axis_types=(AxisType.Auto,))
-            if axis == "batch":  # data parallel: the token sets split over devices
-                x, y = (jax.device_put(a, NamedSharding(mesh, PartitionSpec(axis))) for a in (x, y))
-                mesh = None
+            devs = jax.make_mesh((devices,), (axis,), axis_types=(AxisType.Auto,))
+            if axis == "tokens":
+                mesh = devs
+            else:  # data parallel: the token sets split over the devices
+                x, y = (jax.device_put(a, NamedSharding(devs, PartitionSpec(axis))) for a in (x, y))
         model = mfattn.DiscreteTransformer(
             mfattn.AttentionParams(*map(jnp.asarray, params)),
             1.0,

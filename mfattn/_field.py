@@ -126,8 +126,7 @@ class AttentionField(eqx.Module):
             f = lambda *a, u=None: _kernel.backward_chunked(*a, b, cs, u=u)
         if self.mesh is None:
             return f(q, k, v, w, o, lse, c)
-        g = lambda q, k, v, w, o, lse, c, u: f(q, k, v, w, o, lse, c, u=u)
-        return _sharding.backward(self.mesh, g, q, k, v, w, o, lse, c)
+        return _sharding.backward(self.mesh, f, q, k, v, w, o, lse, c)
 
     # ------------------------------------------------------------------ field
     def __call__(self, x, measure: EmpiricalMeasure, params: AttentionParams):

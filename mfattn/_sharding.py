@@ -79,7 +79,7 @@ def key_side(mesh, kernel, q, o, lse, c, u, kp, vp):
 
 
 def backward(mesh, kernel, q, k, v, w, o, lse, c):
-    """`kernel(q, k, v, w, o, lse, c, u) -> (dq, dk, dv)` for queries = the
+    """`kernel(q, k, v, w, o, lse, c, u=u) -> (dq, dk, dv)` for queries = the
     atoms: each device takes a block of queries (weights `u`) against all the
     keys; `dq` stays sharded, `dk, dv` are reduced."""
     m, pad = q.shape[1], (-q.shape[1]) % mesh.size
@@ -87,7 +87,7 @@ def backward(mesh, kernel, q, k, v, w, o, lse, c):
     axes = tuple(mesh.axis_names)
 
     def local(q, k, v, w, o, lse, c, u):
-        dq, dk, dv = kernel(q, k, v, w, o, lse, c, u)
+        dq, dk, dv = kernel(q, k, v, w, o, lse, c, u=u)
         return dq, jax.lax.psum(dk, axes), jax.lax.psum(dv, axes)
 
     f = _smap(mesh, local, (S, P(), P(), P(), S, S, S, P(axes)), (S, P(), P()))

@@ -534,21 +534,15 @@ def summarize(data, cfg, grid, out, base):
     # the heat map and the combined fit use one kind of sup over z on the whole
     # grid: with the adversarial ascent if it ran everywhere, else random z only
     kind = "uniform" if cfg["adversarial"]["where"] == "all" else "uniform_random"
-    s["heatmap"] = {
-        "L": [L for L, _ in grid],
-        "H": [H for _, H in grid],
-        "kind": kind,
-        "mean": per(base, grid, R, kind).mean(1).tolist(),
-    }
-    s["combined_fit"] = combined_fit(
-        [L for L, _ in grid], [H for _, H in grid], per(base, grid, R, kind), rng
-    )
+    errors = per(base, grid, R, kind)
+    Lg, Hg = [L for L, _ in grid], [H for _, H in grid]
+    s["heatmap"] = {"L": Lg, "H": Hg, "kind": kind, "mean": errors.mean(1).tolist()}
+    s["combined_fit"] = combined_fit(Lg, Hg, errors, rng)
     s["combined_fit"]["kind"] = kind
     # the points whose mean error is at least 5x the limit's own error: there the
     # reference cannot distort the measurement; the fit on them alone
     ref_base = pts[f"{base}/reference"]["uniform"]
-    means = per(base, grid, R, kind).mean(1)
-    trusted = [(L, H) for (L, H), m in zip(grid, means) if m >= 5 * ref_base]
+    trusted = [(L, H) for (L, H), m in zip(grid, errors.mean(1)) if m >= 5 * ref_base]
     s["trusted_points"] = [list(t) for t in trusted]
     if len(trusted) >= 6 and len(trusted) < len(grid):
         s["combined_fit_trusted"] = combined_fit(
@@ -564,9 +558,7 @@ def summarize(data, cfg, grid, out, base):
     ).tolist()
     final = steps[..., -1]
     s["final_step_heatmap"] = final.mean(1).tolist()
-    s["combined_fit_final_step"] = combined_fit(
-        [L for L, _ in grid], [H for _, H in grid], final, rng
-    )
+    s["combined_fit_final_step"] = combined_fit(Lg, Hg, final, rng)
     s["reference_final_step"] = pts[f"{base}/reference"]["per_step_uniform"][-1]
     Ls, Hs = cfg["sweep_LH"]
     Rs = cfg["sweep_inits"]
@@ -694,6 +686,17 @@ def _plot(plt, s, cfg, out):
     plt.close(fig)
 
 
+def _fit_text(f):
+    """`alpha = .. [..], gamma = .. [..], a = ..; RMS log-residual .. (theorem .., ResNet ..)`."""
+    ci = lambda k: [round(x, 3) for x in f[f"{k}_ci95"]]
+    return (
+        f"alpha = {f['alpha']:.3f} {ci('alpha')}, gamma = {f['gamma']:.3f} {ci('gamma')}, "
+        f"a = {f['a']:.3g}; RMS log-residual {f['rms_log_residual']:.3f} (theorem "
+        f"{f['theorem_fixed']['rms_log_residual']:.3f}, ResNet "
+        f"{f['resnet_fixed']['rms_log_residual']:.3f})"
+    )
+
+
 def _print(s):
     for k, v in s.items():
         if isinstance(v, dict) and "slope" in v:
@@ -701,14 +704,7 @@ def _print(s):
                 f"{k:24s} mean {np.round(v['mean'], 4).tolist()}  slope {v['slope']:.3f} "
                 f"CI {np.round(v['slope_ci95'], 3).tolist()}"
             )
-    cf = s["combined_fit"]
-    print(
-        f"combined fit: a/L + b L^-alpha H^-gamma: a = {cf['a']:.3g}, alpha = {cf['alpha']:.3f} "
-        f"{np.round(cf['alpha_ci95'], 3).tolist()}, gamma = {cf['gamma']:.3f} "
-        f"{np.round(cf['gamma_ci95'], 3).tolist()}; rms log-residual {cf['rms_log_residual']:.3f}"
-        f" (theorem exponents {cf['theorem_fixed']['rms_log_residual']:.3f}, ResNet "
-        f"{cf['resnet_fixed']['rms_log_residual']:.3f})"
-    )
+    print(f"combined fit a/L + b L^-alpha H^-gamma: {_fit_text(s['combined_fit'])}")
     r = s["reference"]
     print(
         f"limit reference error (M = {r['base_particles']} vs {r['base_reference_particles']}):"
@@ -716,11 +712,9 @@ def _print(s):
         f"{r['smallest_discrete_error']:.4g} (ratio {r['ratio']:.3f}; below a fifth: "
         f"{r['below_a_fifth']}); sweeps' worst ratio {r['sweeps_worst_ratio']:.3f}"
     )
-    cff = s["combined_fit_final_step"]
     print(
         f"sup over k attained at k = 0, 1, ...: {s['argmax_step_counts']}; after the last step "
-        f"alone: alpha = {cff['alpha']:.3f} {np.round(cff['alpha_ci95'], 3).tolist()}, gamma = "
-        f"{cff['gamma']:.3f} {np.round(cff['gamma_ci95'], 3).tolist()}"
+        f"alone: {_fit_text(s['combined_fit_final_step'])}"
     )
 
 
@@ -763,26 +757,18 @@ def table(data) -> str:
     cf = s["combined_fit"]
     r = s["reference"]
     if "combined_fit_trusted" in s:
-        ct = s["combined_fit_trusted"]
         trusted = (
             f" On the {len(s['trusted_points'])} grid points whose error is at least 5x the "
-            f"limit's own (the reference cannot distort them): alpha = {ct['alpha']:.3f} "
-            f"{[round(x, 3) for x in ct['alpha_ci95']]}, gamma = {ct['gamma']:.3f} "
-            f"{[round(x, 3) for x in ct['gamma_ci95']]}, a = {ct['a']:.3g}; RMS log-residual "
-            f"{ct['rms_log_residual']:.3f} (theorem {ct['theorem_fixed']['rms_log_residual']:.3f},"
-            f" ResNet {ct['resnet_fixed']['rms_log_residual']:.3f})."
+            f"limit's own (the reference cannot distort them): "
+            f"{_fit_text(s['combined_fit_trusted'])}."
         )
     else:
         trusted = ""
-    counts, cff = s["argmax_step_counts"], s["combined_fit_final_step"]
+    counts = s["argmax_step_counts"]
     final = (
         f"The max over training steps k = 0..{len(counts) - 1} is attained at k = 0 (the "
         f"initialisation) in {counts[0]} of {sum(counts)} runs of the grid. The error after "
-        f"the last step alone: alpha = {cff['alpha']:.3f} "
-        f"{[round(x, 3) for x in cff['alpha_ci95']]}, gamma = {cff['gamma']:.3f} "
-        f"{[round(x, 3) for x in cff['gamma_ci95']]}, a = {cff['a']:.3g}; RMS log-residual "
-        f"{cff['rms_log_residual']:.3f} (theorem {cff['theorem_fixed']['rms_log_residual']:.3f},"
-        f" ResNet {cff['resnet_fixed']['rms_log_residual']:.3f}); smallest "
+        f"the last step alone: {_fit_text(s['combined_fit_final_step'])}; smallest "
         f"{min(s['final_step_heatmap']):.4g}, against the limit's own error at that step "
         f"{s['reference_final_step']:.4g}."
     )

@@ -78,7 +78,7 @@ def test_flow_error_is_differentiable_in_the_test_points(getkey):
     params = mfattn.AttentionParams.xavier_uniform(getkey(), 2, 3, 3, 2)
     grid = mfattn.AttentionParams.mean_field(getkey(), 2, 4, 3, 2)
     z = jax.random.normal(getkey(), (2, 3))
-    kw = dict(interpolation="constant", rtol=1e-10, atol=1e-10, max_steps=256)
+    kw = dict(interpolation="constant", rtol=1e-10, atol=1e-10)
     f = jax.jit(
         lambda z: jnp.sum(mfattn.flow_error(params, grid, measure, loss, 1.0, z, z * 0, **kw))
     )
