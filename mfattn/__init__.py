@@ -38,15 +38,15 @@ from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
 from ._solution import Solution as Solution
-from ._vector_field import AdjointVectorField as AdjointVectorField
-from ._vector_field import AttentionVectorField as AttentionVectorField
-from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
 from ._train import batch_solve as batch_solve
 from ._train import evaluate as evaluate
 from ._train import save_results as save_results
 from ._train import train as train
+from ._vector_field import AdjointVectorField as AdjointVectorField
+from ._vector_field import AttentionVectorField as AttentionVectorField
+from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
 
 try:
     __version__ = importlib.metadata.version("mfattn")

@@ -3,7 +3,6 @@
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
-
 from jaxtyping import Array, Float
 
 from ._checks import as_float_array
@@ -116,8 +115,11 @@ def solve_discrete(
     test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
     L = params.depth
     dtype = jnp.result_type(measure.points.dtype, params.dtype)
-    measure = eqx.tree_at(lambda m: (m.points, m.weights), measure,
-                          (measure.points.astype(dtype), measure.weights.astype(dtype)))
+    measure = eqx.tree_at(
+        lambda m: (m.points, m.weights),
+        measure,
+        (measure.points.astype(dtype), measure.weights.astype(dtype)),
+    )
     if test_points is not None:
         test_points = test_points.astype(dtype)
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions)

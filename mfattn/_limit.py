@@ -393,4 +393,3 @@ def limit_gradient(
     bwd = prob.backward(fwd, P1, PZ1, integrate_gradient=True)
     integral = _finite(jax.tree.map(lambda a: a[-1], bwd.ys[2]), "limit_gradient's adjoint solve")
     return value, jax.tree.map(lambda a: a / c, integral)
-

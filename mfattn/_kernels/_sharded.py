@@ -105,7 +105,15 @@ class ShardedKernel(AbstractAttentionKernel):
         f = self._smap(local, in_specs, (S, P(), P()))
         padq = lambda x: _pad(x, 1, pad)
         dq, dk, dv = f(
-            padq(q), k, v, w, padq(o), jax.tree.map(padq, aux), padq(c), _pad(u, 0, pad),
-            jnp.asarray(beta), pos,
+            padq(q),
+            k,
+            v,
+            w,
+            padq(o),
+            jax.tree.map(padq, aux),
+            padq(c),
+            _pad(u, 0, pad),
+            jnp.asarray(beta),
+            pos,
         )
         return dq[:, :m], dk, dv
