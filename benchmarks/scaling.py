@@ -1,12 +1,13 @@
-"""The scaling-law study (SPEC section 7); the code lives in `mfattn.scaling`.
+"""The scaling-law study (docs/theory.md, section 7); the code lives in
+`mfattn/studies/scaling.py` (so that `python -m mfattn` runs it from an installed
+package too).
 
     python -m benchmarks.scaling --quick      # < 5 minutes on 2 cores
     python -m benchmarks.scaling              # the full preset (resumable)
-
-See `mfattn/scaling.py` for what is measured and how.
 """
 
-from mfattn.scaling import PRESETS, combined_fit, main, run, slope_fit, summarize  # noqa: F401
+from mfattn import combined_fit, slope_fit  # noqa: F401
+from mfattn.studies.scaling import PRESETS, main, run, summarize  # noqa: F401
 
 if __name__ == "__main__":
     main()

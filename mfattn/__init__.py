@@ -18,6 +18,8 @@ from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
+from ._fits import combined_fit as combined_fit
+from ._fits import slope_fit as slope_fit
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel

@@ -31,7 +31,7 @@ def main(argv=None):
         argv = argv[1:]
     elif not argv or argv[0].startswith("-"):  # the default: the quick study
         argv = ["--quick", "--out", "results/scaling_quick.json"] + argv
-    from .scaling import main as scaling_main
+    from .studies.scaling import main as scaling_main
 
     scaling_main(argv)
     return 0
