@@ -102,3 +102,140 @@ def combined_fit(
             "rms_log_residual": r,
         }
     return out
+
+
+def _check_count(n: int, min_samples: int, what: str = "samples"):
+    if n < min_samples:
+        raise ValueError(
+            f"an interval needs at least {min_samples} independent {what}, got {n} "
+            "(pass `min_samples` to override)"
+        )
+
+
+def t_interval(
+    samples: ArrayLike, level: float = 0.95, *, min_samples: int = 4
+) -> dict[str, float | list[float] | int]:
+    """Student-`t` interval for the mean of independent samples (e.g. errors
+    of independent initialisations).
+
+    **Arguments:**
+
+    - `samples`: `(R,)` independent values.
+    - `level`: the interval's coverage (default 0.95).
+    - `min_samples`: refuse to give an interval from fewer samples.
+
+    **Returns:** a dict: `estimate` (the mean), `se` (`s / sqrt(R)`), `ci`
+    (`[lo, hi]`, `mean -+ t_{R-1} se`), `n` (`R`).
+
+    **Raises:** `ValueError` when `samples` is not 1-D or has fewer than
+    `min_samples` entries.
+    """
+    from scipy.stats import t
+
+    x = np.asarray(samples, float)
+    if x.ndim != 1:
+        raise ValueError(f"`samples` must be 1-D, got shape {x.shape}")
+    _check_count(x.size, max(min_samples, 2))
+    se = float(x.std(ddof=1) / np.sqrt(x.size))
+    half = float(t.ppf(0.5 + level / 2, x.size - 1)) * se
+    mean = float(x.mean())
+    return {"estimate": mean, "se": se, "ci": [mean - half, mean + half], "n": int(x.size)}
+
+
+def jackknife(
+    statistic, num_samples: int, level: float = 0.95, *, min_samples: int = 4
+) -> dict[str, object]:
+    """Delete-one jackknife of a statistic of `R` independent samples.
+
+    `statistic(idx)` computes the statistic from the samples `idx` (an integer
+    array of indices into `0..R-1`); it may return a float or an array. The
+    leave-one-out values `s_i = statistic(all but i)` give the standard error
+    `se = sqrt((R-1)/R sum_i (s_i - mean_i s_i)^2)` and the interval
+    `s -+ t_{R-1} se` around the full-sample value `s`, as well as the
+    bias-corrected value `R s - (R-1) mean_i s_i`.
+
+    **Arguments:**
+
+    - `statistic`: a function of an index array.
+    - `num_samples`: `R`.
+    - `level`: the interval's coverage (default 0.95).
+    - `min_samples`: refuse to give an interval from fewer samples.
+
+    **Returns:** a dict: `estimate` (the full-sample statistic), `se`, `ci`
+    (`[lo, hi]`), `bias_corrected`, `n`; arrays become lists.
+
+    **Raises:** `ValueError` for fewer than `min_samples` samples.
+    """
+    from scipy.stats import t
+
+    R = int(num_samples)
+    _check_count(R, max(min_samples, 2))
+    full = np.asarray(statistic(np.arange(R)), float)
+    loo = np.stack([np.asarray(statistic(np.delete(np.arange(R), i)), float) for i in range(R)])
+    mean = loo.mean(axis=0)
+    se = np.sqrt((R - 1) / R * np.sum((loo - mean) ** 2, axis=0))
+    half = t.ppf(0.5 + level / 2, R - 1) * se
+    out = {
+        "estimate": full,
+        "se": se,
+        "ci": np.stack([full - half, full + half], axis=-1),
+        "bias_corrected": R * full - (R - 1) * mean,
+    }
+    out = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in out.items()}
+    out["n"] = R
+    return out
+
+
+def power_law_fit(
+    covariates: dict[str, ArrayLike],
+    per_init: ArrayLike,
+    level: float = 0.95,
+    *,
+    min_samples: int = 4,
+) -> dict[str, object]:
+    """Fit `E = c prod_j x_j^{s_j}` (least squares on `log E`) to the mean
+    error over independent initialisations, with jackknife intervals over them.
+
+    **Arguments:**
+
+    - `covariates`: `{name: (P,)}` positive values of each covariate at the
+      `P` points (e.g. `{"L": Ls, "H": Hs}`); one name gives a slope fit.
+    - `per_init`: `(P, R)` errors, one column per initialisation (the same
+      initialisation index across points may be correlated; the jackknife
+      deletes one column at a time, so it accounts for that).
+    - `level`, `min_samples`: as in [`mfattn.jackknife`][].
+
+    **Returns:** a dict: for every covariate `name`, `name` (the exponent
+    `s_j`, negative for a decreasing error) and `name_ci` (its interval);
+    `coefficient` (`c`), `rms_log_residual`, `n` (`R`), `points` (`P`).
+
+    **Raises:** `ValueError` for fewer than `min_samples` initialisations or
+    fewer points than parameters.
+    """
+    names = list(covariates)
+    e = np.asarray(per_init, float)
+    if e.ndim != 2:
+        raise ValueError(f"`per_init` must be (points, inits), got shape {e.shape}")
+    X = np.column_stack(
+        [np.ones(e.shape[0])] + [np.log(np.asarray(covariates[k], float)) for k in names]
+    )
+    if X.shape[0] <= X.shape[1] - 1:
+        raise ValueError(f"{X.shape[0]} points cannot fit {X.shape[1]} parameters")
+
+    def fit(idx):
+        y = np.log(e[:, idx].mean(axis=1))
+        return np.linalg.lstsq(X, y, rcond=None)[0]
+
+    jk = jackknife(fit, e.shape[1], level, min_samples=min_samples)
+    coef = np.asarray(jk["estimate"])
+    ci = np.asarray(jk["ci"])
+    resid = np.log(e.mean(axis=1)) - X @ coef
+    out: dict[str, object] = {}
+    for j, k in enumerate(names, start=1):
+        out[k] = float(coef[j])
+        out[f"{k}_ci"] = ci[j].tolist()
+    out["coefficient"] = float(np.exp(coef[0]))
+    out["rms_log_residual"] = float(np.sqrt(np.mean(resid**2)))
+    out["n"] = int(e.shape[1])
+    out["points"] = int(e.shape[0])
+    return out
