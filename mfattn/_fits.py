@@ -33,7 +33,13 @@ def slope_fit(
 
 
 def combined_fit(
-    Ls: ArrayLike, Hs: ArrayLike, per_init: ArrayLike, rng: np.random.Generator, boots: int = 500
+    Ls: ArrayLike,
+    Hs: ArrayLike,
+    per_init: ArrayLike,
+    rng: np.random.Generator | None = None,
+    boots: int = 500,
+    *,
+    interval: str = "bootstrap",
 ) -> dict:
     """Fit `E(L, H) = a/L + b L^-alpha H^-gamma` to mean errors.
 
@@ -48,11 +54,18 @@ def combined_fit(
     - `per_init`: `(P, R)` errors, one column per initialisation.
     - `rng`: a `numpy.random.Generator` for the bootstrap.
     - `boots`: number of bootstrap resamples.
+    - `interval`: `"bootstrap"` (quantiles of `boots` resamples of the
+      initialisations) or `"jackknife"` (delete-one jackknife, `t` interval;
+      see [`mfattn.jackknife`][]; needs at least 4 initialisations).
 
-    **Returns:** a dict with `a`, `b`, `alpha`, `gamma`, their 95 % bootstrap
-    intervals (`alpha_ci95`, `gamma_ci95`, `a_ci95`), `rms_log_residual`, and
-    `theorem_fixed` / `resnet_fixed` (the fixed-exponent fits).
+    **Returns:** a dict with `a`, `b`, `alpha`, `gamma`, their 95 % intervals
+    (`alpha_ci95`, `gamma_ci95`, `a_ci95`), `rms_log_residual`, `interval`,
+    and `theorem_fixed` / `resnet_fixed` (the fixed-exponent fits).
+
+    **Raises:** `ValueError` for an unknown `interval`.
     """
+    if interval not in ("bootstrap", "jackknife"):
+        raise ValueError(f"`interval` must be 'bootstrap' or 'jackknife', got {interval!r}")
     from scipy.optimize import least_squares
 
     L = np.asarray(Ls, float)
@@ -80,17 +93,25 @@ def combined_fit(
 
     p, rms = fit(per_init)
     R = per_init.shape[1]
-    boot = np.array([fit(per_init[:, rng.integers(0, R, R)])[0] for _ in range(boots)])
-    ci = lambda col: [float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))]
+    if interval == "bootstrap":
+        rng = np.random.default_rng(0) if rng is None else rng
+        boot = np.array([fit(per_init[:, rng.integers(0, R, R)])[0] for _ in range(boots)])
+        q = lambda col: [float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))]
+        cis = {"alpha": q(boot[:, 2]), "gamma": q(boot[:, 3]), "a": q(np.exp(boot[:, 0]))}
+    else:
+        jk = jackknife(lambda idx: fit(per_init[:, idx])[0], R)
+        ci = np.asarray(jk["ci"])
+        cis = {"alpha": ci[2].tolist(), "gamma": ci[3].tolist(), "a": np.exp(ci[0]).tolist()}
     out = {
         "a": float(np.exp(p[0])),
         "b": float(np.exp(p[1])),
         "alpha": float(p[2]),
         "gamma": float(p[3]),
-        "alpha_ci95": ci(boot[:, 2]),
-        "gamma_ci95": ci(boot[:, 3]),
-        "a_ci95": ci(np.exp(boot[:, 0])),
+        "alpha_ci95": cis["alpha"],
+        "gamma_ci95": cis["gamma"],
+        "a_ci95": cis["a"],
         "rms_log_residual": rms,
+        "interval": interval,
     }
     for name, (al, ga) in {"theorem": (1 / 3, 1 / 2), "resnet": (1 / 2, 1 / 2)}.items():
         q, r = fit(per_init, al, ga)
@@ -207,7 +228,7 @@ def power_law_fit(
 
     **Returns:** a dict: for every covariate `name`, `name` (the exponent
     `s_j`, negative for a decreasing error) and `name_ci` (its interval);
-    `coefficient` (`c`), `rms_log_residual`, `n` (`R`), `points` (`P`).
+    `coefficient` (`c`), `rms_log_residual`, `samples` (`R`), `points` (`P`).
 
     **Raises:** `ValueError` for fewer than `min_samples` initialisations or
     fewer points than parameters.
@@ -236,6 +257,6 @@ def power_law_fit(
         out[f"{k}_ci"] = ci[j].tolist()
     out["coefficient"] = float(np.exp(coef[0]))
     out["rms_log_residual"] = float(np.sqrt(np.mean(resid**2)))
-    out["n"] = int(e.shape[1])
+    out["samples"] = int(e.shape[1])
     out["points"] = int(e.shape[0])
     return out

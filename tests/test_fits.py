@@ -49,3 +49,15 @@ def test_library_does_not_import_the_studies():
     code = "import sys, mfattn; print(any(m.startswith('mfattn.studies') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_combined_fit_jackknife_intervals():
+    rng = np.random.default_rng(2)
+    Ls, Hs = np.meshgrid([2, 4, 8, 16], [4, 16, 64], indexing="ij")
+    Ls, Hs = Ls.ravel(), Hs.ravel()
+    true = 0.3 / Ls + 2.0 * Ls**-0.5 * Hs**-0.5
+    per = true[:, None] * np.exp(0.02 * rng.standard_normal((Ls.size, 6)))
+    fit = combined_fit(Ls, Hs, per, interval="jackknife")
+    assert fit["interval"] == "jackknife"
+    assert fit["alpha_ci95"][0] < 0.5 < fit["alpha_ci95"][1]
+    assert fit["gamma_ci95"][0] < 0.5 < fit["gamma_ci95"][1]
