@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 
 class ScaleByBlockwiseAdamState(NamedTuple):
@@ -96,7 +95,7 @@ def scale_by_blockwise_adam(
             updates,
             state.nu,
         )
-        count_inc = numerics.safe_increment(state.count)
+        count_inc = optax.safe_increment(state.count)
         mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
         nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
         updates = jax.tree.map(
