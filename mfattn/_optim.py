@@ -1,4 +1,4 @@
-"""Blockwise AdamW (SPEC section 5, the paper's Algorithm 1 with map phi)."""
+"""Blockwise AdamW (docs/theory.md, section 5, the paper's Algorithm 1 with map phi)."""
 
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -53,7 +53,7 @@ def scale_by_blockwise_adam(
     reduction: str = "sum",
     block_axes: Sequence[int] = (-2, -1),
 ) -> optax.GradientTransformation:
-    """Rescale updates by blockwise Adam (SPEC section 5, paper eq. 26).
+    """Rescale updates by blockwise Adam (docs/theory.md, section 5, paper eq. 26).
 
         m_k = b1 m_{k-1} + (1 - b1) g_k
         v_k = b2 v_{k-1} + (1 - b2) phi(g_k)          (one scalar per block)
