@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import ArrayLike, Float
 
 from ._checks import as_float_array
 from ._custom_types import BetaLike
@@ -63,9 +63,9 @@ def solve_discrete(
     measure: EmpiricalMeasure,
     loss: AbstractLoss,
     beta: BetaLike,
-    test_points: Float[Array, "m d"] | None = None,
+    test_points: Float[ArrayLike, "m d"] | None = None,
     *,
-    test_labels: Float[Array, "m e"] | None = None,
+    test_labels: Float[ArrayLike, "m _"] | None = None,
     test_positions=None,
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,

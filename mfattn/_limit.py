@@ -5,7 +5,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import BetaLike
 from ._discrete import check_model_inputs
@@ -185,7 +185,7 @@ def solve_limit(
     measure: EmpiricalMeasure,
     loss: AbstractLoss,
     beta: BetaLike,
-    test_points: Float[Array, "m d"] | None = None,
+    test_points: Float[ArrayLike, "m d"] | None = None,
     *,
     test_labels: Array | None = None,
     test_positions=None,
