@@ -19,6 +19,7 @@ from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
+from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
 from ._kernels import ShardedKernel as ShardedKernel
