@@ -103,7 +103,7 @@ def solve_discrete(
     - `test_positions`: for a causal kernel, the sequence positions of the test
       particles, `(m,)` (default `n`: after the last token, they see all tokens).
     - `kernel`: the attention backend, an [`mfattn.AbstractAttentionKernel`][]
-      (default [`mfattn.AutoKernel`][]`()`: dense up to 256 keys, chunked
+      (default [`mfattn.AutoKernel`][]`()`: dense up to 128 keys, chunked
       beyond; `DenseKernel(causal=True)` or `AutoKernel(causal=True)` for causal
       masking, docs/theory.md, section 8).
     - `chunk_size`, `mesh`: shortcuts for `kernel=ChunkedKernel(chunk_size)` and
