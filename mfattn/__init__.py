@@ -12,6 +12,9 @@ from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import load_latest as load_latest
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._checks import check_finite as check_finite
+from ._checks import checks_enabled as checks_enabled
+from ._checks import set_checks as set_checks
 from ._convergence import antithetic_mean_field as antithetic_mean_field
 from ._convergence import flow_error as flow_error
 from ._data import DenoisingTask as DenoisingTask
@@ -39,6 +42,7 @@ from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
 from ._solution import Solution as Solution
+from ._train import DivergenceError as DivergenceError
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
 from ._train import batch_solve as batch_solve

@@ -23,6 +23,11 @@ class AttentionParams(eqx.Module):
 
     **Raises:** `ValueError` if the four fields do not share one shape with 3 or
     4 axes; `TypeError` for a non-floating dtype.
+
+    Values are not checked here (gradient maps are `AttentionParams` too, built
+    inside the solvers); the solvers and [`mfattn.train`][] check the
+    parameters they are given with [`mfattn.check_finite`][], naming the
+    field (`params.Q`, ...).
     """
 
     Q: Float[Array, "*LH d k"]
