@@ -20,7 +20,6 @@ import mfattn
 from mfattn._checks import check_solve
 
 BAD = [pytest.param(np.nan, id="nan"), pytest.param(np.inf, id="inf")]
-LEAD = pytest.mark.xfail(reason="lead wires checks into solvers", strict=False)
 # a check that fires at trace time is a ValueError; inside jit it is an
 # EquinoxRuntimeError (a RuntimeError) with the same name in its message
 RAISES = (ValueError, RuntimeError)
@@ -173,7 +172,6 @@ def test_beta_concrete_and_traced(value):
 
 
 # ----------------------------------------------------- the lead's solvers
-@LEAD
 @pytest.mark.parametrize("value", BAD)
 def test_solve_discrete_params_nonfinite(value):
     measure, loss = _problem()
@@ -181,7 +179,6 @@ def test_solve_discrete_params_nonfinite(value):
         mfattn.solve_discrete(_params(value, "K"), measure, loss, 1.0)
 
 
-@LEAD
 @pytest.mark.parametrize("value", BAD)
 def test_discrete_loss_params_nonfinite(value):
     measure, loss = _problem()
@@ -189,15 +186,15 @@ def test_discrete_loss_params_nonfinite(value):
         mfattn.discrete_loss(_params(value, "Q"), measure, loss, 1.0)
 
 
-@LEAD
 @pytest.mark.parametrize("value", BAD)
 def test_solve_discrete_test_points_nonfinite(value):
     measure, loss = _problem()
     with pytest.raises(RAISES, match=r"`test_points` (has non-finite|contains)"):
-        mfattn.solve_discrete(_params(), measure, loss, 1.0, test_points=_points(value)[:2])
+        mfattn.solve_discrete(
+            _params(), measure, loss, 1.0, _points(value)[:2], test_labels=_points()[:2]
+        )
 
 
-@LEAD
 def test_solve_limit_max_steps_names_the_solve():
     measure, loss = _problem()
     with pytest.raises(RuntimeError, match=r"solve_limit[^\n]*maximum number of solver steps"):
@@ -205,7 +202,6 @@ def test_solve_limit_max_steps_names_the_solve():
 
 
 @pytest.mark.slow
-@LEAD
 def test_limit_gradient_max_steps_names_the_solve():
     measure, loss = _problem()
     with pytest.raises(RuntimeError, match=r"limit_gradient[^\n]*maximum number of solver steps"):
