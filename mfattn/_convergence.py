@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._custom_types import ScalarLike
 from ._discrete import solve_discrete
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
@@ -107,8 +108,8 @@ def flow_error(
     *,
     test_positions=None,
     interpolation: str = "linear",
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     max_steps: int = 4096,
     kernel=None,
 ):

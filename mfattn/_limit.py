@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from ._checks import check_solve
-from ._custom_types import BetaLike
+from ._custom_types import BetaLike, ScalarLike
 from ._discrete import check_model_inputs
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
@@ -200,8 +200,8 @@ def solve_limit(
     times=None,
     interpolation: str = "linear",
     solver: diffrax.AbstractSolver = diffrax.Tsit5(),
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
@@ -318,8 +318,8 @@ def limit_gradient(
     times=None,
     interpolation: str = "linear",
     solver: diffrax.AbstractSolver = diffrax.Tsit5(),
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     stepsize_controller=None,
     max_steps: int = 4096,
     kernel: AbstractAttentionKernel | None = None,
