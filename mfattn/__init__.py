@@ -15,6 +15,9 @@ from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import load_latest as load_latest
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._checks import check_finite as check_finite
+from ._checks import checks_enabled as checks_enabled
+from ._checks import set_checks as set_checks
 from ._convergence import BiasFluctuation as BiasFluctuation
 from ._convergence import antithetic_mean_field as antithetic_mean_field
 from ._convergence import bias_fluctuation as bias_fluctuation
@@ -31,6 +34,7 @@ from ._fits import power_law_fit as power_law_fit
 from ._fits import slope_fit as slope_fit
 from ._fits import t_interval as t_interval
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
+from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
 from ._kernels import ShardedKernel as ShardedKernel
@@ -50,6 +54,7 @@ from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
 from ._solution import Solution as Solution
+from ._train import DivergenceError as DivergenceError
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
 from ._train import batch_solve as batch_solve

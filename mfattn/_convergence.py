@@ -1,5 +1,5 @@
 """Measuring the distance between a finite transformer and its mean-field limit
-(SPEC section 7), through test particles."""
+(docs/theory.md, section 7), through test particles."""
 
 import warnings
 from typing import NamedTuple
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._custom_types import ScalarLike
 from ._discrete import solve_discrete
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
@@ -28,13 +29,13 @@ def antithetic_mean_field(
     independent_nodes: bool = False,
     method: str | None = None,
 ):
-    """The mean-field initialisation (SPEC section 6) with variance reduction that
+    """The mean-field initialisation (docs/theory.md, section 6) with variance reduction that
     keeps the law `nu_0` exact.
 
     `particles / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
     Xavier-uniform is invariant under that flip, so the law is exact, the
     empirical mean of `O` is exactly zero, and so is the limit velocity at
-    initialisation (SPEC section 6): the particle approximation of the limit has
+    initialisation (docs/theory.md, section 6): the particle approximation of the limit has
     no Monte-Carlo error at `k = 0`.
 
     **Arguments:**
@@ -46,7 +47,7 @@ def antithetic_mean_field(
       from `key`: randomised quasi-Monte Carlo, still exactly `nu_0` marginally
       for every particle). `"sobol"` works best with `particles / 2` a power
       of two.
-    - `independent_nodes`: if `False` (SPEC section 6), the same draws sit at
+    - `independent_nodes`: if `False` (docs/theory.md, section 6), the same draws sit at
       every depth node. If `True`, every node gets its own draws: the law at
       every node is still exactly `nu_0`, and after training exactly
       `Phi_k(., t_j) # nu_0` in the limit `M -> oo`, but the Monte-Carlo errors
@@ -109,12 +110,12 @@ def flow_error(
     *,
     test_positions=None,
     interpolation: str = "linear",
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     max_steps: int = 4096,
     kernel=None,
 ):
-    """The theorem's error for every test particle `z` (SPEC section 7):
+    """The theorem's error for every test particle `z` (docs/theory.md, section 7):
 
         max_l |z^l - z(l/L)| + |p_z^l - p_z(l/L)|,
 
