@@ -1,9 +1,11 @@
-"""The scaling-law study (docs/theory.md, section 7); the code lives in
+"""The convergence study (docs/theory.md, section 7); the code lives in
 `mfattn/studies/scaling.py` (so that `python -m mfattn` runs it from an installed
 package too).
 
-    python -m benchmarks.scaling --quick      # < 5 minutes on 2 cores
+    python -m benchmarks.scaling --quick      # minutes on 2 cores
+    python -m benchmarks.scaling --medium     # ~20-30 minutes on 2 idle cores
     python -m benchmarks.scaling              # the full preset (resumable)
+    python -m benchmarks.scaling --quick --summarize   # rebuild JSON and PNGs
 """
 
 from mfattn import combined_fit, slope_fit  # noqa: F401
