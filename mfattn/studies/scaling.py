@@ -707,11 +707,22 @@ def summarize(data):
                 "slope_ci": jk["ci"],
                 "resolved": [marks[main][k]["bias_resolved"] for k in keys],
             }
-        for q, name in [("fluctuation", "fluctuation"), ("total", "total"), ("lemma6", "lemma6")]:
-            keys = [k for k in grid if ok(k, q if q != "total" else "total")]
+        # `E = c L^a H^b` (jackknife over initialisations): the error (max over
+        # steps), the fluctuation (max over steps, at k = 0 and at the last step:
+        # the part training adds) and Lemma 6 (zero at k = 0: all of it training's)
+        last = len(c["steps"]) - 1
+        quantities = {
+            "total": ("total", lambda p: p["total"]),
+            "fluctuation": ("fluctuation", lambda p: p["fluctuation"]),
+            "fluctuation_k0": ("fluctuation", lambda p: p["fluctuation_per_step"][0]),
+            "fluctuation_kK": ("fluctuation", lambda p: p["fluctuation_per_step"][last]),
+            "lemma6": ("lemma6", lambda p: p["lemma6"]),
+        }
+        for name, (q, get) in quantities.items():
+            keys = [k for k in grid if ok(k, q)]
             if len(keys) >= 4:
                 cov = {"L": [P[k]["L"] for k in keys], "H": [P[k]["H"] for k in keys]}
-                f = _fit(cov, [P[k][q] for k in keys])
+                f = _fit(cov, [get(P[k]) for k in keys])
                 if f is not None:
                     f["points_used"] = keys
                     fits[f"{name}_vs_LH"] = f
@@ -930,7 +941,13 @@ def report(data) -> str:
             f"bias vs L (H = {f['H']}): slope {f['slope']:+.2f} "
             f"[{f['slope_ci'][0]:+.2f}, {f['slope_ci'][1]:+.2f}]"
         )
-    for k in ("fluctuation_vs_LH", "total_vs_LH", "lemma6_vs_LH"):
+    for k in (
+        "total_vs_LH",
+        "fluctuation_vs_LH",
+        "fluctuation_k0_vs_LH",
+        "fluctuation_kK_vs_LH",
+        "lemma6_vs_LH",
+    ):
         if k in fits:
             lines.append(f"{k}: L {_ci(fits[k], 'L')}, H {_ci(fits[k], 'H')}")
     for k in ("total_vs_n_unmasked", "total_vs_n_causal"):
