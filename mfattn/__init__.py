@@ -29,6 +29,9 @@ from ._loss import AbstractLoss as AbstractLoss
 from ._loss import DenoisingLoss as DenoisingLoss
 from ._loss import MMDLoss as MMDLoss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
+from ._mlp import MLPParams as MLPParams
+from ._mlp import mlp_backward as mlp_backward
+from ._mlp import mlp_forward as mlp_forward
 from ._model import AbstractModel as AbstractModel
 from ._model import DiscreteTransformer as DiscreteTransformer
 from ._model import MeanFieldTransformer as MeanFieldTransformer
