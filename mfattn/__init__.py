@@ -40,6 +40,9 @@ from ._optim import blockwise_adamw as blockwise_adamw
 from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
+from ._sde import SDESolution as SDESolution
+from ._sde import noise_covariance as noise_covariance
+from ._sde import solve_sde as solve_sde
 from ._solution import Solution as Solution
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
