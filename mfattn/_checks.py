@@ -155,12 +155,31 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
     """
     if not _enabled:
         return x
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
+    return _check_named({name: x})[name]
+
+
+def check_finite_args(**named):
+    """[`mfattn.check_finite`][] on several arguments with one runtime check (one
+    `eqx.error_if`, so one conditional in the compiled program):
+    `params, z = check_finite_args(params=params, test_points=z)`. `None`
+    arguments are skipped. Returns the values in the order given (a tuple, or
+    the value itself for one argument)."""
+    if not _enabled:
+        out = tuple(named.values())
+    else:
+        checked = _check_named(named)
+        out = tuple(checked[k] for k in named)
+    return out[0] if len(out) == 1 else out
+
+
+def _check_named(named: dict) -> dict:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(named)
     traced = []
     for i, (path, leaf) in enumerate(leaves):
         if not _is_inexact(leaf):
             continue
-        leaf_name = name + jax.tree_util.keystr(path)
+        # the first key is the argument's name: `params` + `.Q`
+        leaf_name = path[0].key + jax.tree_util.keystr(path[1:])
         if is_concrete(leaf):
             with jax.ensure_compile_time_eval():
                 ok = bool(jnp.all(jnp.isfinite(jnp.asarray(leaf))))
@@ -172,7 +191,7 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
         else:
             traced.append((i, leaf_name))
     if not traced:
-        return x
+        return named
     arrays = [leaves[i][1] for i, _ in traced]
     nan = jnp.stack([jnp.any(jnp.isnan(a)) for a in arrays])
     inf = jnp.stack([jnp.any(jnp.isinf(a)) for a in arrays])

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import mfattn
-from mfattn._checks import check_solve
+from mfattn._checks import check_finite_args, check_solve
 
 BAD = [pytest.param(np.nan, id="nan"), pytest.param(np.inf, id="inf")]
 LEAD = pytest.mark.xfail(reason="lead wires checks into solvers", strict=False)
@@ -91,6 +91,20 @@ def test_check_finite_under_vmap_and_grad():
     np.testing.assert_array_equal(g, 2 * y)
     gj = jax.jit(jax.grad(lambda y: jnp.sum(mfattn.check_finite(y, "y") ** 2)))(y)
     np.testing.assert_array_equal(gj, 2 * y)
+
+
+def test_check_finite_args_one_check_for_several_arguments():
+    """What the solvers call: several named arguments, one runtime check."""
+    p, z = _params(), jnp.asarray(_points()[:2])
+    out = check_finite_args(params=p, test_points=z, test_labels=None)
+    assert out[0] is p and out[1] is z and out[2] is None
+    f = eqx.filter_jit(lambda p, z: check_finite_args(params=p, test_points=z))
+    with pytest.raises(RuntimeError, match="`test_points` contains inf"):
+        f(p, z.at[1, 1].set(np.inf))
+    with pytest.raises(RuntimeError, match="`params.Q` contains NaN"):
+        f(_params(np.nan, "Q"), z.at[1, 1].set(np.inf))
+    jaxpr = jax.make_jaxpr(lambda p, z: check_finite_args(params=p, test_points=z))(p, z)
+    assert str(jaxpr).count("cond[") == 1
 
 
 # ---------------------------------------------------------------- measures
