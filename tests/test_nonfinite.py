@@ -207,8 +207,9 @@ def test_discrete_loss_params_nonfinite(value):
 @pytest.mark.parametrize("value", BAD)
 def test_solve_discrete_test_points_nonfinite(value):
     measure, loss = _problem()
+    z, labels = _points(value, at=(1, 0))[:2], _points()[:2]
     with pytest.raises(RAISES, match=r"`test_points` (has non-finite|contains)"):
-        mfattn.solve_discrete(_params(), measure, loss, 1.0, test_points=_points(value)[:2])
+        mfattn.solve_discrete(_params(), measure, loss, 1.0, test_points=z, test_labels=labels)
 
 
 @LEAD
