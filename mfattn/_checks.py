@@ -82,7 +82,8 @@ def set_checks(enabled: bool) -> _ChecksSetting:
     traced `beta`) is checked for NaN and infinities, and weights for sign and
     normalisation: a bad value raises a `ValueError` naming the argument (a
     leaf of a pytree by its path, e.g. `params.Q`) at trace time, or, inside
-    `jax.jit`, an `equinox.EquinoxRuntimeError` with the same message. Checks
+    jitted code, a runtime error with the same message
+    (`equinox.EquinoxRuntimeError` under `eqx.filter_jit`, as in mfattn's solvers). Checks
     of types, shapes, dtypes and Python numbers are always on.
 
     `set_checks(False)` is for production runs that have measured a cost; the
@@ -139,7 +140,8 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
     its result is used: write `x = check_finite(x, "x")`. Integer and
     boolean leaves, and non-array leaves, are skipped. Does nothing when
     checks are off ([`mfattn.set_checks`][]). Inside jit it costs two
-    reductions per leaf (any NaN, any inf), which XLA fuses into one pass.
+    reductions per leaf (any NaN, any inf) and one conditional for the whole
+    pytree.
 
     **Arguments:**
 
