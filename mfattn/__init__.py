@@ -33,6 +33,9 @@ from ._optim import blockwise_adamw as blockwise_adamw
 from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
+from ._probe import ProbeSolution as ProbeSolution
+from ._probe import probe_gradient as probe_gradient
+from ._probe import probe_outputs as probe_outputs
 from ._solution import Solution as Solution
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
