@@ -28,6 +28,14 @@ from ._measure import EmpiricalMeasure as EmpiricalMeasure
 from ._model import AbstractModel as AbstractModel
 from ._model import DiscreteTransformer as DiscreteTransformer
 from ._model import MeanFieldTransformer as MeanFieldTransformer
+from ._ntk import AbstractTokenLaw as AbstractTokenLaw
+from ._ntk import GaussianMixtureLaw as GaussianMixtureLaw
+from ._ntk import UniformBoxLaw as UniformBoxLaw
+from ._ntk import lse_independence as lse_independence
+from ._ntk import mean_field_inner as mean_field_inner
+from ._ntk import node_weights as node_weights
+from ._ntk import output_gradient_maps as output_gradient_maps
+from ._ntk import tangent_kernel as tangent_kernel
 from ._optim import ScaleByBlockwiseAdamState as ScaleByBlockwiseAdamState
 from ._optim import blockwise_adamw as blockwise_adamw
 from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
