@@ -17,6 +17,9 @@ from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
+from ._gradient_flow import GradientFlowField as GradientFlowField
+from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
+from ._gradient_flow import gradient_flow as gradient_flow
 from ._limit import AdjointVectorField as AdjointVectorField
 from ._limit import MeanFieldVectorField as MeanFieldVectorField
 from ._limit import limit_gradient as limit_gradient
@@ -44,6 +47,9 @@ from ._path import ParamPath as ParamPath
 from ._probe import ProbeSolution as ProbeSolution
 from ._probe import probe_gradient as probe_gradient
 from ._probe import probe_outputs as probe_outputs
+from ._risk import AbstractRisk as AbstractRisk
+from ._risk import EmpiricalRisk as EmpiricalRisk
+from ._risk import ProbeRisk as ProbeRisk
 from ._solution import Solution as Solution
 from ._train import TrainResult as TrainResult
 from ._train import TrainState as TrainState
