@@ -24,7 +24,8 @@ and `g(theta_{l,h}, l) = L H d<c, Phi>/dtheta_{l,h}` (the gradient map of
 docs/theory.md, section 4, for the output `<c, Phi>`). The limit integrates
 the same brackets backwards with Diffrax. Every term is a closed form of
 [`mfattn.AttentionField`][] (`backward`, `grad_x`, `lions_derivative`,
-`param_grad`); the probes use the dense kernel.
+`param_grad`) with the model's attention kernel (a causal kernel places the
+probes after the last token: they see every token).
 """
 
 from collections.abc import Callable
@@ -77,6 +78,11 @@ def _probe_terms(field, measure, layer, P, q, z):
     return b, bz, jax.tree.map(jnp.add, g, gz)
 
 
+def _model_field(model):
+    """The attention field of `model`, with its kernel."""
+    return AttentionField(model.beta, model.kernel, model.mesh, chunk_size=model.chunk_size)
+
+
 def _check(model, measure, probes):
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
@@ -101,7 +107,7 @@ def _check(model, measure, probes):
 
 # --------------------------------------------------------------- discrete model
 def _discrete(model, measure, probes, cotangent):
-    field = AttentionField(model.beta)
+    field = _model_field(model)
     params = model.params
     dt = 1.0 / params.depth
 
@@ -161,7 +167,7 @@ def _controller(model, path):
 
 def _limit_forward(model, measure, probes):
     path = ParamPath(model.params, model.times, model.interpolation)
-    field = AttentionField(model.beta)
+    field = _model_field(model)
     controller = _controller(model, path)
     fwd = diffrax.diffeqsolve(
         diffrax.ODETerm(_ProbeForward(field, path, measure.weights)),
@@ -252,7 +258,7 @@ def probe_outputs(
     `jax.vmap` over a batch of measures)."""
     measure, probes = _check(model, measure, probes)
     if isinstance(model, DiscreteTransformer):
-        field = AttentionField(model.beta)
+        field = _model_field(model)
         dt = 1.0 / model.params.depth
 
         def step(carry, layer):
