@@ -2,6 +2,7 @@
 criterion for its injectivity (docs/theory.md, section 12)."""
 
 import abc
+import functools
 
 import equinox as eqx
 import jax
@@ -198,32 +199,49 @@ def lse_independence(
         raise ValueError(f"`modulo` must be 'affine' or 'constants', got {modulo!r}")
     if not radius > 0:
         raise ValueError(f"`radius` must be positive, got {radius}")
-    s, v = _lse_svd(measures, key, num_probes, jnp.asarray(radius), modulo)
+    if isinstance(measures, EmpiricalMeasure):
+        dtype = measures.points.dtype
+    else:
+        dtype = jnp.result_type(*jax.tree.leaves(measures))
+    z = _ball_probes(key, num_probes, d, jnp.dtype(dtype))
+    # the affine span of the unit probes is that of the scaled ones
+    F = _log_laplace(measures, z, jnp.asarray(radius, dtype))
+    s, v = _affine_residual_svd(F, z, modulo)
     return (s, v) if return_coefficients else s
 
 
-@eqx.filter_jit
-def _lse_svd(measures, key, num_probes, radius, modulo):
-    if isinstance(measures, EmpiricalMeasure):
-        d = measures.points.shape[-1]
-        dtype = measures.points.dtype
-        evaluate = lambda z: _empirical_log_laplace(measures, z)
-    else:
-        d = measures.dim
-        dtype = jnp.result_type(*jax.tree.leaves(measures))
-        evaluate = measures.log_laplace
+# Three compiled pieces, so that the probes and the linear algebra are compiled
+# once per shape whatever the law's type: only the log-Laplace transform is
+# compiled per type.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _ball_probes(key, num_probes, d, dtype):
+    """`num_probes` points uniform in the unit ball of `R^d`."""
     kd, kr = jax.random.split(key)
     g = jax.random.normal(kd, (num_probes, d), dtype)
     u = jax.random.uniform(kr, (num_probes, 1), dtype)
-    z = radius.astype(dtype) * u ** (1.0 / d) * g / jnp.linalg.norm(g, axis=-1, keepdims=True)
-    F = evaluate(z)  # (P, N)
-    design = jnp.ones((num_probes, 1), dtype)
+    return u ** (1.0 / d) * g / jnp.linalg.norm(g, axis=-1, keepdims=True)
+
+
+@eqx.filter_jit
+def _log_laplace(measures, z, radius):
+    z = radius * z
+    if isinstance(measures, EmpiricalMeasure):
+        return _empirical_log_laplace(measures, z)
+    return measures.log_laplace(z)
+
+
+@functools.partial(jax.jit, static_argnames=("modulo",))
+def _affine_residual_svd(F, z, modulo):
+    """SVD of `F` (P, N) after projecting out `{1}` (and `z`, for "affine"),
+    scaled by `1/sqrt(P)`."""
+    P = F.shape[0]
+    design = jnp.ones((P, 1), F.dtype)
     if modulo == "affine":
         design = jnp.concatenate([design, z], axis=1)
     Qd, _ = jnp.linalg.qr(design)
     resid = F - Qd @ (Qd.T @ F)
     resid = resid - Qd @ (Qd.T @ resid)  # second pass: projection to rounding
-    _, s, vt = jnp.linalg.svd(resid / np.sqrt(num_probes), full_matrices=False)
+    _, s, vt = jnp.linalg.svd(resid / np.sqrt(P), full_matrices=False)
     return s, vt.T
 
 

@@ -23,9 +23,10 @@ cotangent `q = c` at the terminal time and token adjoints `p = 0` there,
 and `g(theta_{l,h}, l) = L H d<c, Phi>/dtheta_{l,h}` (the gradient map of
 docs/theory.md, section 4, for the output `<c, Phi>`). The limit integrates
 the same brackets backwards with Diffrax. Every term is a closed form of
-[`mfattn.AttentionField`][] (`backward`, `grad_x`, `lions_derivative`,
-`param_grad`) with the model's attention kernel (a causal kernel places the
-probes after the last token: they see every token).
+the model's attention kernel ([`mfattn.AbstractAttentionKernel`][], `backward`
+with query weights `w` for the tokens and `1` for the probes), one pullback per
+depth; a causal kernel places the probes after the last token (they see every
+token).
 """
 
 from collections.abc import Callable
@@ -68,14 +69,37 @@ def _trusted_measure(points, weights):
 
 
 def _probe_terms(field, measure, layer, P, q, z):
-    """The brackets of one depth: `(b_tokens, b_probes, grads)`."""
-    b, _, g = field.backward(measure, layer, P)
-    jac = field.grad_x(z, measure, layer)  # (m, d, d)
-    dmu = field.lions_derivative(z, measure, layer, measure.points)  # (m, n, d, d)
-    b = b + jnp.einsum("knde,kd->ne", dmu, q)
-    bz = jnp.einsum("kde,kd->ke", jac, q)
-    gz = field.param_grad(z, measure, layer, q, jnp.ones(z.shape[0], z.dtype))
-    return b, bz, jax.tree.map(jnp.add, g, gz)
+    """The brackets of one depth, `(b_tokens (n, d), b_probes (m, d), grads)`, by
+    one closed-form pullback through the field's kernel: queries are the atoms
+    (weights `w`, cotangents `P`) and the probes (weight 1, cotangents `q`), keys
+    the atoms only. The probes' bracket is the query side alone: they carry no
+    mass, so no Lions term acts on them (unlike the test particles of
+    [`mfattn.solve_discrete`][], whose adjoint is the adjoint function `p(t, z)`)."""
+    x, w = measure.points, measure.weights
+    n, m = x.shape[0], z.shape[0]
+    o, aux = field.forward(measure, layer, z, return_cache=True)[2]
+    pts = jnp.concatenate([x, z], axis=0)
+    u = jnp.concatenate([w, jnp.ones((m,), w.dtype)])
+    C = jnp.concatenate([P, q], axis=0)
+    qh = jnp.einsum("md,hdk->hmk", pts, layer.Q)
+    kh = jnp.einsum("nd,hdk->hnk", x, layer.K)
+    vh = jnp.einsum("nd,hdk->hnk", x, layer.V)
+    c = jnp.einsum("hdk,md->hmk", layer.O, C)
+    qpos = kpos = None
+    if field.kernel.causal:  # the probes sit after the last token: they see every token
+        kpos = jnp.arange(n)
+        qpos = jnp.concatenate([kpos, jnp.full((m,), n, kpos.dtype)])
+    dq, dk, dv = field.kernel.backward(qh, kh, vh, w, o, aux, c, u, field.beta, qpos, kpos)
+    H = layer.heads
+    query_side = jnp.einsum("hdk,hmk->md", layer.Q, dq) / H
+    key_side = (jnp.einsum("hdk,hnk->nd", layer.K, dk) + jnp.einsum("hdk,hnk->nd", layer.V, dv)) / H
+    grads = AttentionParams(
+        Q=jnp.einsum("m,md,hmk->hdk", u, pts, dq),
+        K=jnp.einsum("n,nd,hnk->hdk", w, x, dk),
+        V=jnp.einsum("n,nd,hnk->hdk", w, x, dv),
+        O=jnp.einsum("m,md,hmk->hdk", u, C, o),
+    )
+    return query_side[:n] + key_side, query_side[n:], grads
 
 
 def _model_field(model):

@@ -1,18 +1,43 @@
 """The log-sum-exp criterion and the tangent kernel (docs/theory.md, section 12)."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 from conftest import rel_err, tree_rel_err
-from helpers import random_measure
 
 import mfattn
 from mfattn._probe import _check, _limit
 
 EPS = float(jnp.finfo(jnp.float64).eps)
+_POOL = 1024
+
+
+# Every eager `jax.random` call with a new shape is a new compilation (about a
+# second on a loaded machine); these draw a fixed-size pool from the key and cut
+# the requested shape out of it, so that every shape costs one compilation.
+def _normal(key, shape, scale=1.0):
+    size = int(np.prod(shape))
+    assert size <= _POOL
+    pool = np.asarray(jax.random.normal(key, (_POOL,), jnp.float64))
+    return jnp.asarray(scale * pool[:size].reshape(shape))
+
+
+def _uniform(key, shape, minval=0.0, maxval=1.0):
+    size = int(np.prod(shape))
+    assert size <= _POOL
+    pool = np.asarray(jax.random.uniform(key, (_POOL,), jnp.float64))
+    return jnp.asarray(minval + (maxval - minval) * pool[:size].reshape(shape))
+
+
+def _random_batch(key, N, n, d):
+    """`N` measures of `n` atoms with non-uniform weights."""
+    kx, kw = jax.random.split(key)
+    w = _uniform(kw, (N, n), 0.2, 1.0)
+    return _batch(_normal(kx, (N, n, d)), w / w.sum(axis=1, keepdims=True))
 
 
 def _batch(points, weights=None):
@@ -37,21 +62,21 @@ ABOVE = 1e4
 def test_dependent_examples_are_at_rounding_level(getkey, radius):
     N, n, d = 5, 6, 2
     cases = {}
-    y = jax.random.normal(getkey(), (N, 1, d))
+    y = _normal(getkey(), (N, 1, d))
     cases["dirac"] = (_batch(y), 3.0)
-    base = jax.random.normal(getkey(), (n, d))
-    w = jax.random.uniform(getkey(), (n,), minval=0.2, maxval=1.0)
-    shifts = 2.0 * jax.random.normal(getkey(), (N, 1, d))
+    base = _normal(getkey(), (n, d))
+    w = _uniform(getkey(), (n,), minval=0.2, maxval=1.0)
+    shifts = 2.0 * _normal(getkey(), (N, 1, d))
     cases["translates"] = (_batch(base + shifts, jnp.broadcast_to(w / w.sum(), (N, n))), 6.0)
-    A = jax.random.normal(getkey(), (d, d))
+    A = _normal(getkey(), (d, d))
     cov = A @ A.T / d + 0.1 * jnp.eye(d)
-    means = jax.random.normal(getkey(), (N, 1, d))
+    means = _normal(getkey(), (N, 1, d))
     cases["gaussians, common covariance"] = (
         mfattn.GaussianMixtureLaw(means, jnp.broadcast_to(cov, (N, 1, d, d))),
         3.0 + radius * float(jnp.max(jnp.abs(cov))),
     )
-    lo = jax.random.normal(getkey(), (N, d))
-    sides = jax.random.uniform(getkey(), (1, d), minval=0.5, maxval=2.0)
+    lo = _normal(getkey(), (N, d))
+    sides = _uniform(getkey(), (1, d), minval=0.5, maxval=2.0)
     cases["box translates"] = (mfattn.UniformBoxLaw(lo, lo + sides), 4.0)
     for name, (meas, scale) in cases.items():
         s = mfattn.lse_independence(meas, getkey(), radius=radius)
@@ -69,9 +94,9 @@ def test_gaussians_with_distinct_covariances(getkey):
     d = 2
     q = d * (d + 1) // 2
     for N, dependent in [(q, False), (q + 1, True)]:
-        A = jax.random.normal(getkey(), (N, 1, d, d))
+        A = _normal(getkey(), (N, 1, d, d))
         covs = A @ jnp.swapaxes(A, -1, -2) + 0.1 * jnp.eye(d)
-        law = mfattn.GaussianMixtureLaw(jax.random.normal(getkey(), (N, 1, d)), covs)
+        law = mfattn.GaussianMixtureLaw(_normal(getkey(), (N, 1, d)), covs)
         s = mfattn.lse_independence(law, getkey(), radius=1.0)
         scale = 3.0 + float(jnp.max(jnp.abs(covs)))
         if dependent:
@@ -82,13 +107,13 @@ def test_gaussians_with_distinct_covariances(getkey):
 
 def test_independent_examples(getkey):
     N, d = 5, 2
-    generic = _batch(jax.random.normal(getkey(), (N, 6, d)))
+    generic = _batch(_normal(getkey(), (N, 6, d)))
     mixtures = mfattn.GaussianMixtureLaw(
-        jax.random.normal(getkey(), (N, 3, d)),
+        _normal(getkey(), (N, 3, d)),
         0.1 * jnp.broadcast_to(jnp.eye(d), (N, 3, d, d)),
     )
-    lo = jax.random.normal(getkey(), (N, d))
-    sides = jax.random.uniform(getkey(), (N, d), minval=0.5, maxval=2.0)
+    lo = _normal(getkey(), (N, d))
+    sides = _uniform(getkey(), (N, d), minval=0.5, maxval=2.0)
     boxes = mfattn.UniformBoxLaw(lo, lo + sides)
     # boxes are sums of one-dimensional functions of z_i: their dependence is
     # only broken at high order in |z|, so they need a larger radius (docstring)
@@ -105,9 +130,9 @@ def test_modulo_constants(getkey):
     """`N <= d` Diracs at independent points, and `N <= d + 1` translates, are
     dependent modulo affine functions but independent modulo constants."""
     d = 2
-    diracs = _batch(jax.random.normal(getkey(), (d, 1, d)))
-    base = jax.random.normal(getkey(), (6, d))
-    translates = _batch(base + jax.random.normal(getkey(), (d + 1, 1, d)))
+    diracs = _batch(_normal(getkey(), (d, 1, d)))
+    base = _normal(getkey(), (6, d))
+    translates = _batch(base + _normal(getkey(), (d + 1, 1, d)))
     for meas in (diracs, translates):
         aff = mfattn.lse_independence(meas, getkey())
         const = mfattn.lse_independence(meas, getkey(), modulo="constants")
@@ -121,7 +146,7 @@ def test_small_radius_order(N, order):
     affine, the quadratic forms span 3 dimensions and the cubics 4 more, so the
     smallest singular value of `N` generic measures scales like `r^2` for `N <= 3`,
     `r^3` for `N <= 7` and `r^4` for `N <= 12`."""
-    meas = _batch(jax.random.normal(jax.random.key(N), (N, 6, 2)))
+    meas = _batch(_normal(jax.random.key(N), (N, 6, 2)))
     rs = np.array([0.02, 0.04, 0.08, 0.16])
     s = [float(mfattn.lse_independence(meas, jax.random.key(1), radius=r)[-1]) for r in rs]
     slope = scipy.stats.linregress(np.log(rs), np.log(s)).slope
@@ -132,8 +157,8 @@ def test_coefficients_give_the_dependence(getkey):
     """For translates `mu + c_a`, `F_a = F + <z, c_a>`: the null vectors are the
     coefficients with `sum_a c_a = 0`."""
     N = 5
-    base = jax.random.normal(getkey(), (6, 2))
-    meas = _batch(base + jax.random.normal(getkey(), (N, 1, 2)))
+    base = _normal(getkey(), (6, 2))
+    meas = _batch(base + _normal(getkey(), (N, 1, 2)))
     s, V = mfattn.lse_independence(meas, getkey(), return_coefficients=True)
     assert V.shape == (N, N)
     null = V[:, 1:]
@@ -142,7 +167,7 @@ def test_coefficients_give_the_dependence(getkey):
 
 
 def test_criterion_bad_inputs(getkey):
-    meas = _batch(jax.random.normal(getkey(), (5, 6, 2)))
+    meas = _batch(_normal(getkey(), (5, 6, 2)))
     with pytest.raises(ValueError, match="num_probes"):
         mfattn.lse_independence(meas, getkey(), num_probes=8)
     with pytest.raises(ValueError, match="batch axis"):
@@ -171,12 +196,18 @@ def test_box_log_laplace_against_quadrature(getkey):
 
 
 # ------------------------------------------------------------- tangent kernel
-def _jacobian_kernel(model, measures, probes, blocks):
+@eqx.filter_jit
+def _output_jacobian(model, measures, probes):
+    """`d Phi / d theta` by `jax.jacrev` through the discrete model (one compile)."""
+
     def outputs(params):
         m = model.with_params(params)
         return jax.vmap(lambda mu: mfattn.probe_outputs(m, mu, probes))(measures).reshape(-1)
 
-    J = jax.jacrev(outputs)(model.params)
+    return jax.jacrev(outputs)(model.params)
+
+
+def _jacobian_kernel(model, J, blocks):
     F = jnp.concatenate([getattr(J, b).reshape(J.Q.shape[0], -1) for b in blocks], axis=1)
     L, H = model.params.depth, model.params.heads
     return L * H * F @ F.T
@@ -184,19 +215,30 @@ def _jacobian_kernel(model, measures, probes, blocks):
 
 def test_discrete_kernel_against_jacrev(getkey):
     """`K = (1/(L H)) sum <G, G> = L H J J^T` with `J` the Jacobian of the probe
-    outputs, for all blocks and for the score blocks; non-uniform weights."""
+    outputs, for all blocks and for the score blocks; non-uniform weights. The
+    probe risk's gradient map is `L H J^T r / N` (`r` the residuals)."""
     L, H, d, k, n, m, N = 2, 2, 2, 3, 4, 2, 3
     params = jax.tree.map(
         lambda a: 2 * a, mfattn.AttentionParams.xavier_uniform(getkey(), L, H, d, k)
     )
     model = mfattn.DiscreteTransformer(params, 1.3)
-    ms = [random_measure(getkey(), n, d) for _ in range(N)]
-    measures = _batch(jnp.stack([x.points for x in ms]), jnp.stack([x.weights for x in ms]))
-    probes = jax.random.normal(getkey(), (m, d))
+    measures = _random_batch(getkey(), N, n, d)
+    probes = _normal(getkey(), (m, d))
+    J = _output_jacobian(model, measures, probes)
     for blocks in [("Q", "K", "V", "O"), ("Q", "K")]:
         K = mfattn.tangent_kernel(model, measures, probes, blocks=blocks)
         assert K.shape == (N * m * d, N * m * d)
-        assert rel_err(K, _jacobian_kernel(model, measures, probes, blocks)) < 1e-12
+        assert rel_err(K, _jacobian_kernel(model, J, blocks)) < 1e-12
+
+    targets = _normal(getkey(), (N, m, d))
+    risk = mfattn.ProbeRisk(measures, probes, targets)
+    outputs = risk.outputs(model)
+    r = (outputs - targets).reshape(-1)
+    value, g = risk.value_and_gradient_map(model)
+    assert rel_err(value, 0.5 * jnp.sum(r**2) / N) < 1e-14
+    assert rel_err(risk(model), value) < 1e-14
+    expected = jax.tree.map(lambda a: L * H * jnp.tensordot(r, a, axes=1) / N, J)
+    assert tree_rel_err(g, expected) < 1e-12
 
 
 def test_limit_kernel_at_mean_field_init(getkey):
@@ -216,9 +258,9 @@ def test_limit_kernel_at_mean_field_init(getkey):
     grid = mfattn.antithetic_mean_field(getkey(), 2, M, d, k)
     model = mfattn.MeanFieldTransformer(grid, 1.0, rtol=1e-10, atol=1e-12)
     z = jnp.array([[0.8, -0.5]])
-    base = jax.random.normal(getkey(), (n, d))
-    translates = _batch(base + 0.7 * jax.random.normal(getkey(), (N, 1, d)))
-    generic = _batch(jax.random.normal(getkey(), (N, n, d)))
+    base = _normal(getkey(), (n, d))
+    translates = _batch(base + 0.7 * _normal(getkey(), (N, 1, d)))
+    generic = _batch(_normal(getkey(), (N, n, d)))
     field = mfattn.AttentionField(1.0)
 
     def feature(points, c):
@@ -227,7 +269,7 @@ def test_limit_kernel_at_mean_field_init(getkey):
         return jnp.concatenate([M * getattr(g, b).reshape(M, -1) for b in "QKVO"], axis=1)
 
     eye = jnp.eye(d).reshape(d, 1, d)
-    F = jax.vmap(lambda p: jax.vmap(lambda c: feature(p, c))(eye))(generic.points)
+    F = jax.jit(jax.vmap(lambda p: jax.vmap(lambda c: feature(p, c))(eye)))(generic.points)
     F = F.reshape(N * d, M, -1)
     assert (
         rel_err(mfattn.tangent_kernel(model, generic, z), jnp.einsum("amf,bmf->ab", F, F) / M)
@@ -253,11 +295,11 @@ def test_limit_probe_adjoint_against_autodiff_through_diffrax(getkey):
     times (trapezoid), the left by `jax.grad` through `diffrax.diffeqsolve`."""
     d, k, M, J1 = 2, 2, 3, 3
     grid = jax.tree.map(lambda a: 2.0 * a, mfattn.AttentionParams.mean_field(getkey(), J1, M, d, k))
-    grid = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(getkey(), a.shape), grid)
+    grid = jax.tree.map(lambda a: a + 0.3 * _normal(getkey(), a.shape), grid)
     model = mfattn.MeanFieldTransformer(grid, 1.0, rtol=1e-11, atol=1e-12)
-    mu = random_measure(getkey(), 4, d)
-    z = jax.random.normal(getkey(), (2, d))
-    c = jax.random.normal(getkey(), (2, d))
+    mu = jax.tree.map(lambda a: a[0], _random_batch(getkey(), 1, 4, d))
+    z = _normal(getkey(), (2, d))
+    c = _normal(getkey(), (2, d))
     ts = jnp.linspace(0.0, 1.0, 2001)
     measure, probes = _check(model, mu, z)
     g_t = _limit(model, measure, probes, c, ts=ts).grads  # leaves (T, M, d, k)
@@ -298,8 +340,8 @@ def test_discrete_near_null_eigenvalues_fall_with_depth_and_width():
     initialisations, from `L H = 64` to `4096` by more than 16x)."""
     N, n, d, k = 6, 4, 2, 2
     z = jnp.array([[0.8, -0.5]])
-    base = jax.random.normal(jax.random.key(1), (n, d))
-    neg = _batch(base + 0.5 * jax.random.normal(jax.random.key(2), (N, 1, d)))
+    base = _normal(jax.random.key(1), (n, d))
+    neg = _batch(base + 0.5 * _normal(jax.random.key(2), (N, 1, d)))
     null = (N - d - 1) * d
     small = []
     for L, H in [(4, 16), (16, 256)]:
@@ -317,7 +359,7 @@ def test_discrete_near_null_eigenvalues_fall_with_depth_and_width():
 def test_kernel_bad_inputs(getkey):
     params = mfattn.AttentionParams.xavier_uniform(getkey(), 2, 2, 2, 2)
     model = mfattn.DiscreteTransformer(params, 1.0)
-    meas = _batch(jax.random.normal(getkey(), (3, 4, 2)))
+    meas = _batch(_normal(getkey(), (3, 4, 2)))
     with pytest.raises(ValueError, match="blocks"):
         mfattn.tangent_kernel(model, meas, jnp.ones((1, 2)), blocks=("W",))
     with pytest.raises(ValueError, match="probes"):
