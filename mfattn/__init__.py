@@ -41,6 +41,22 @@ from ._train import evaluate as evaluate
 from ._train import save_results as save_results
 from ._train import train as train
 
+# isort: split
+# Clusters, the equiangular reduction and the circle's linear stability (issue 14)
+from ._circle import circle_fourier_modes as circle_fourier_modes
+from ._circle import circle_growth_rates as circle_growth_rates
+from ._circle import predicted_cluster_count as predicted_cluster_count
+from ._clusters import Plateau as Plateau
+from ._clusters import cluster_labels as cluster_labels
+from ._clusters import count_clusters as count_clusters
+from ._clusters import diameter as diameter
+from ._clusters import metastable_plateaus as metastable_plateaus
+from ._clusters import pairwise_distances as pairwise_distances
+from ._clusters import time_to_one_cluster as time_to_one_cluster
+from ._equiangular import equiangular_points as equiangular_points
+from ._equiangular import equiangular_rho as equiangular_rho
+from ._equiangular import equiangular_velocity as equiangular_velocity
+
 try:
     __version__ = importlib.metadata.version("mfattn")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover
