@@ -1,7 +1,8 @@
 """mfattn: the mean-field theory of deep attention-only transformers, computable.
 
 Tokens are particles, the heads of a layer are a measure over parameters, depth
-is time. See `SPEC.md` (shared with the project) for every formula.
+is time. The mathematics, formula by formula, with the function that computes
+each, is in `docs/theory.md`.
 """
 
 import importlib.metadata
@@ -17,8 +18,11 @@ from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
-from ._limit import AdjointVectorField as AdjointVectorField
-from ._limit import MeanFieldVectorField as MeanFieldVectorField
+from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
+from ._kernels import ChunkedKernel as ChunkedKernel
+from ._kernels import DenseKernel as DenseKernel
+from ._kernels import ShardedKernel as ShardedKernel
+from ._limit import ClosedFormAdjoint as ClosedFormAdjoint
 from ._limit import limit_gradient as limit_gradient
 from ._limit import solve_limit as solve_limit
 from ._loss import AbstractLoss as AbstractLoss
@@ -40,6 +44,9 @@ from ._train import batch_solve as batch_solve
 from ._train import evaluate as evaluate
 from ._train import save_results as save_results
 from ._train import train as train
+from ._vector_field import AdjointVectorField as AdjointVectorField
+from ._vector_field import AttentionVectorField as AttentionVectorField
+from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
 
 # isort: split
 # Clusters, the equiangular reduction and the circle's linear stability (issue 14)

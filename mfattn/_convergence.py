@@ -1,5 +1,7 @@
 """Measuring the distance between a finite transformer and its mean-field limit
-(SPEC section 7), through test particles."""
+(docs/theory.md, section 7), through test particles."""
+
+import warnings
 
 import equinox as eqx
 import jax
@@ -9,6 +11,7 @@ import numpy as np
 from ._discrete import solve_discrete
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
+from ._renamed import renamed_kwargs
 
 
 def antithetic_mean_field(
@@ -19,28 +22,29 @@ def antithetic_mean_field(
     head_dim,
     dtype=None,
     *,
-    method: str = "random",
+    sampling: str = "random",
     independent_nodes: bool = False,
+    method: str | None = None,
 ):
-    """The mean-field initialisation (SPEC section 6) with variance reduction that
+    """The mean-field initialisation (docs/theory.md, section 6) with variance reduction that
     keeps the law `nu_0` exact.
 
     `particles / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
     Xavier-uniform is invariant under that flip, so the law is exact, the
     empirical mean of `O` is exactly zero, and so is the limit velocity at
-    initialisation (SPEC section 6): the particle approximation of the limit has
+    initialisation (docs/theory.md, section 6): the particle approximation of the limit has
     no Monte-Carlo error at `k = 0`.
 
     **Arguments:**
 
     - `key`, `num_nodes`, `particles` (even), `dim`, `head_dim`, `dtype`: as in
       [`mfattn.AttentionParams.mean_field`][].
-    - `method`: `"random"` (i.i.d. uniform draws) or `"sobol"` (the `4 d k`
+    - `sampling` (formerly `method`): `"random"` (i.i.d. uniform draws) or `"sobol"` (the `4 d k`
       uniform entries of the first half are a scrambled Sobol sequence, seeded
       from `key`: randomised quasi-Monte Carlo, still exactly `nu_0` marginally
       for every particle). `"sobol"` works best with `particles / 2` a power
       of two.
-    - `independent_nodes`: if `False` (SPEC section 6), the same draws sit at
+    - `independent_nodes`: if `False` (docs/theory.md, section 6), the same draws sit at
       every depth node. If `True`, every node gets its own draws: the law at
       every node is still exactly `nu_0`, and after training exactly
       `Phi_k(., t_j) # nu_0` in the limit `M -> oo`, but the Monte-Carlo errors
@@ -49,11 +53,14 @@ def antithetic_mean_field(
       with `interpolation="constant"`: linear interpolation between independent
       particles would not preserve the law between nodes.
     """
+    if method is not None:
+        warnings.warn("`method=` is deprecated; use `sampling=`", DeprecationWarning, stacklevel=2)
+        sampling = method
     if particles % 2:
         raise ValueError(f"`particles` must be even for antithetic pairs, got {particles}")
-    if method not in ("random", "sobol"):
-        raise ValueError(f"`method` must be 'random' or 'sobol', got {method!r}")
-    draw = AttentionParams.mean_field if method == "random" else _sobol_mean_field
+    if sampling not in ("random", "sobol"):
+        raise ValueError(f"`sampling` must be 'random' or 'sobol', got {sampling!r}")
+    draw = AttentionParams.mean_field if sampling == "random" else _sobol_mean_field
     if independent_nodes:
         _check_sizes(num_nodes=num_nodes)
         nodes = [
@@ -72,8 +79,6 @@ def antithetic_mean_field(
 
 
 def _sobol_mean_field(key, num_nodes, particles, dim, head_dim, dtype):
-    import warnings
-
     from scipy.stats import qmc
 
     _check_sizes(num_nodes=num_nodes, particles=particles, dim=dim, head_dim=head_dim)
@@ -89,9 +94,10 @@ def _sobol_mean_field(key, num_nodes, particles, dim, head_dim, dtype):
     return AttentionParams(*(jnp.repeat(mats[None, :, i], num_nodes, axis=0) for i in range(4)))
 
 
+@renamed_kwargs(disc_params="params")
 @eqx.filter_jit
 def flow_error(
-    disc_params: AttentionParams,
+    params: AttentionParams,
     grid,
     measure,
     loss,
@@ -99,12 +105,14 @@ def flow_error(
     test_points,
     test_labels=None,
     *,
+    test_positions=None,
     interpolation: str = "linear",
-    rtol: float = 1e-6,
-    atol: float = 1e-8,
+    rtol: float | None = None,
+    atol: float | None = None,
     max_steps: int = 4096,
+    kernel=None,
 ):
-    """The theorem's error for every test particle `z` (SPEC section 7):
+    """The theorem's error for every test particle `z` (docs/theory.md, section 7):
 
         max_l |z^l - z(l/L)| + |p_z^l - p_z(l/L)|,
 
@@ -114,10 +122,23 @@ def flow_error(
     **Returns:** `(m,)`, one error per test particle (take the max for the
     uniform error, one entry for a pointwise error). It is differentiable in
     `test_points`, for an adversarial search of the sup over `z`.
+
+    **Arguments:** `params` (formerly `disc_params`): the discrete model's
+    `(L, H, d, k)` parameters; `grid`: the limit's parameters (an
+    `AttentionParams` depth grid or a [`mfattn.ParamPath`][]); the rest as in
+    [`mfattn.solve_discrete`][] and [`mfattn.solve_limit`][] (the same `kernel`,
+    causal or not, for both models).
     """
-    L = disc_params.depth
+    L = params.depth
     disc = solve_discrete(
-        disc_params, measure, loss, beta, test_points=test_points, test_labels=test_labels
+        params,
+        measure,
+        loss,
+        beta,
+        test_points,
+        test_labels=test_labels,
+        test_positions=test_positions,
+        kernel=kernel,
     )
     ts = jnp.arange(L + 1, dtype=disc.ts.dtype) / L
     lim = solve_limit(
@@ -125,13 +146,15 @@ def flow_error(
         measure,
         loss,
         beta,
-        test_points=test_points,
+        test_points,
         test_labels=test_labels,
+        test_positions=test_positions,
         ts=ts,
         interpolation=interpolation,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
+        kernel=kernel,
     )
     return jnp.max(_norm(disc.test_xs - lim.test_xs) + _norm(disc.test_ps - lim.test_ps), axis=0)
 

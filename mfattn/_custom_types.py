@@ -1,5 +1,6 @@
-"""Shared jaxtyping aliases (SPEC notation: `n` tokens, `d` token dimension,
-`k` head dimension, `L` depth nodes, `H` heads or parameter particles)."""
+"""Shared jaxtyping aliases (notation of docs/theory.md: `n` tokens, `d` token
+dimension, `k` head dimension, `L` depth nodes, `H` heads or parameter particles,
+`m` query points, `p` probe points)."""
 
 from typing import Union
 
@@ -12,6 +13,9 @@ Queries = Float[Array, "m d"]
 Matrix = Float[Array, "d d"]
 HeadMatrix = Float[Array, "... d k"]
 Scalar = Float[Array, ""]
+HeadArray = Float[Array, "... _ _"]
+Positions = Shaped[Array, " _"]
+BetaLike = Union[float, int, np.floating, Float[ArrayLike, ""]]
 ScalarLike = Union[float, int, np.floating, Shaped[ArrayLike, ""]]
 
 __all__ = [
@@ -21,5 +25,8 @@ __all__ = [
     "Matrix",
     "HeadMatrix",
     "Scalar",
+    "HeadArray",
+    "Positions",
+    "BetaLike",
     "ScalarLike",
 ]

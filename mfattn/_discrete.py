@@ -1,15 +1,20 @@
-"""The discrete transformer: explicit Euler steps of the attention field."""
+"""The discrete transformer: explicit Euler steps of the attention vector field."""
 
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import ArrayLike, Float
 
 from ._checks import as_float_array
+from ._custom_types import BetaLike
 from ._field import AttentionField
+from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
+from ._path import ParamPath
 from ._solution import Solution
+from ._vector_field import AttentionVectorField
 
 
 def check_model_inputs(params, measure, loss, test_points, test_labels, name="params"):
@@ -44,27 +49,38 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
     return test_points, test_labels
 
 
+def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions):
+    """The vector field of the `L`-layer model: the field on the
+    piecewise-constant path whose `J = L` nodes are the layers."""
+    field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
+    path = ParamPath(params, interpolation="constant")
+    return AttentionVectorField(field, path, measure, test_positions)
+
+
 @eqx.filter_jit
 def solve_discrete(
     params: AttentionParams,
     measure: EmpiricalMeasure,
     loss: AbstractLoss,
-    beta,
+    beta: BetaLike,
+    test_points: Float[ArrayLike, "m d"] | None = None,
     *,
-    test_points=None,
-    test_labels=None,
+    test_labels: Float[ArrayLike, "m _"] | None = None,
+    test_positions=None,
+    kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
-    Forward (SPEC section 3), explicit Euler with step `1/L` on the field of
-    [`mfattn.AttentionField`][]:
+    Forward (docs/theory.md, section 3): explicit Euler with step `1/L` on the
+    [`mfattn.AttentionVectorField`][] of the piecewise-constant parameter path
+    whose `L` nodes are the layers,
 
         x_i^{l+1} = x_i^l + (1/L) Gamma(x_i^l, mu^l; nu^l).
 
-    Backward (SPEC section 4), the exact adjoint recursion in closed form
-    (not `jax.grad`):
+    Backward (docs/theory.md, section 4), the exact adjoint recursion in closed
+    form (not `jax.grad`):
 
         p_i^L = d_mu Loss(mu^L)(x_i^L),
         p_i^l = p_i^{l+1} + (1/L) [grad_x Gamma(x_i^l)^T p_i^{l+1}
@@ -77,40 +93,51 @@ def solve_discrete(
 
     - `params`: an [`mfattn.AttentionParams`][] with leaves `(L, H, d, k)`.
     - `measure`: the input tokens, an [`mfattn.EmpiricalMeasure`][] with `(n, d)`
-      points (`jax.vmap` over a batch of measures).
+      points (`jax.vmap` over a batch of measures), in sequence order.
     - `loss`: an [`mfattn.AbstractLoss`][] of the terminal measure.
     - `beta`: inverse temperature `> 0`.
     - `test_points`: optional `(m, d)` test particles `z`, carried by the field
       of the tokens without acting on it, with their own adjoint (the same
-      backward formula evaluated at `z`; SPEC section 6, flow maps).
+      backward formula evaluated at `z`; docs/theory.md, section 6).
     - `test_labels`: labels of the test particles for supervised losses.
-    - `chunk_size`: see [`mfattn.AttentionField`][] (`None`: dense; an int: keys in
-      blocks, memory `O(n * chunk_size)` per head and layer).
-    - `mesh`: a `jax.sharding.Mesh` to shard the tokens over its devices (see
-      [`mfattn.AttentionField`][]), or `None`.
+    - `test_positions`: for a causal kernel, the sequence positions of the test
+      particles, `(m,)` (default `n`: after the last token, they see all tokens).
+    - `kernel`: the attention backend, an [`mfattn.AbstractAttentionKernel`][]
+      (default [`mfattn.DenseKernel`][]`()`; `DenseKernel(causal=True)` for
+      causal masking, docs/theory.md, section 8).
+    - `chunk_size`, `mesh`: shortcuts for `kernel=ChunkedKernel(chunk_size)` and
+      a [`mfattn.ShardedKernel`][] over `mesh` (see [`mfattn.AttentionField`][]).
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
     points are given.
     """
     test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
-    field = AttentionField(beta, chunk_size, mesh)
     L = params.depth
-    dt = 1.0 / L
     dtype = jnp.result_type(measure.points.dtype, params.dtype)
-    measure = measure.with_points(measure.points.astype(dtype))
+    measure = eqx.tree_at(
+        lambda m: (m.points, m.weights),
+        measure,
+        (measure.points.astype(dtype), measure.weights.astype(dtype)),
+    )
     if test_points is not None:
         test_points = test_points.astype(dtype)
+    vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions)
+    dt = 1.0 / L
+    nodes = vf.path.times
 
-    def euler_step(carry, layer):
+    def euler_step(carry, node):
         x, z = carry
-        vx, vz, cache = field.forward(measure.with_points(x), layer, z, return_cache=True)
+        t, layer = node
+        vx, vz, cache = vf.velocity(t, x, z, layer=layer, return_cache=True)
         z_next = None if z is None else z + dt * vz
         return (x + dt * vx, z_next), (x, z, cache)
 
-    # the attention outputs and log-normalisers of every layer (O(n) memory) are
-    # kept for the adjoint pass, which then needs one pass over the keys, not two
-    (x_last, z_last), (xs, zs, caches) = lax.scan(euler_step, (measure.points, test_points), params)
+    # the kernel outputs of every layer (O(n) memory for the default kernels)
+    # are kept for the adjoint pass, which then needs one pass over the keys
+    (x_last, z_last), (xs, zs, caches) = lax.scan(
+        euler_step, (measure.points, test_points), (nodes, params)
+    )
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
 
@@ -123,15 +150,15 @@ def solve_discrete(
 
     def adjoint_step(carry, inputs):
         p, pz = carry
-        x, z, layer, cache = inputs
-        b, bz, g = field.backward(measure.with_points(x), layer, p, z, pz, cache=cache)
+        t, x, z, layer, cache = inputs
+        b, bz, g = vf.adjoint(t, x, z, p, pz, layer=layer, cache=cache)
         pz_prev = None if pz is None else pz + dt * bz
         return (p + dt * b, pz_prev), (p, pz, g)
 
     (p_first, pz_first), (ps_next, pzs_next, grads) = lax.scan(
         adjoint_step,
         (p_last, pz_last),
-        (xs[:-1], None if zs is None else zs[:-1], params, caches),
+        (nodes, xs[:-1], None if zs is None else zs[:-1], params, caches),
         reverse=True,
     )
     ps = jnp.concatenate([p_first[None], ps_next], axis=0)
@@ -141,18 +168,28 @@ def solve_discrete(
 
 
 @eqx.filter_jit
-def discrete_loss(params, measure, loss, beta, chunk_size=None, mesh=None):
+def discrete_loss(
+    params: AttentionParams,
+    measure: EmpiricalMeasure,
+    loss: AbstractLoss,
+    beta: BetaLike,
+    chunk_size: int | None = None,
+    mesh=None,
+    *,
+    kernel: AbstractAttentionKernel | None = None,
+):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
     differentiates in the tests (and that users can differentiate freely)."""
     check_model_inputs(params, measure, loss, None, None)
-    field = AttentionField(beta, chunk_size, mesh)
+    vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
     dt = 1.0 / params.depth
 
-    def euler_step(x, layer):
-        vx, _ = field.forward(measure.with_points(x), layer)
+    def euler_step(x, node):
+        t, layer = node
+        vx, _ = vf.velocity(t, x, layer=layer)
         return x + dt * vx, None
 
-    x_last, _ = lax.scan(euler_step, measure.points, params)
+    x_last, _ = lax.scan(euler_step, measure.points, (vf.path.times, params))
     return loss(measure.with_points(x_last))
 
 

@@ -1,12 +1,19 @@
-"""The mean-field attention velocity field and its closed-form derivatives."""
+"""The mean-field attention velocity field and its closed-form derivatives.
+
+Everything here is one forward route (`AttentionField._outputs`) and one
+backward route (`AttentionField._pullback`) through a kernel object; the public
+closed forms are those two routes evaluated at the right points with the right
+weights (docs/theory.md, sections 1, 2 and 4).
+"""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from . import _kernel, _sharding
 from ._checks import as_float_array, check_beta
+from ._kernels import AbstractAttentionKernel, resolve_kernel
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
 
@@ -34,8 +41,35 @@ def _queries(x, d, name="x"):
     return x
 
 
+def _project(x, W):
+    """`x (m, d)`, `W (H, d, k)` -> `W^T x` per head, `(H, m, k)`."""
+    return jnp.einsum("md,hdk->hmk", x, W)
+
+
+def _to_tokens(params, dq, dk, dv):
+    """`sum_h Q_h dq_h + K_h dk_h + V_h dv_h`, back in token space."""
+    return (
+        jnp.einsum("hdk,hmk->md", params.Q, dq)
+        + jnp.einsum("hdk,hmk->md", params.K, dk)
+        + jnp.einsum("hdk,hmk->md", params.V, dv)
+    )
+
+
+def _assemble_grads(x, u, w, p, o, dq, dk, dv):
+    """Per-head gradient map from the head-space cotangents:
+    `dQ = sum_i u_i x_i dq_i^T`, `dK = sum_j w_j x_j dk_j^T`,
+    `dV = sum_j w_j x_j dv_j^T`, `dO = sum_i u_i p_i o_i^T`."""
+    return AttentionParams(
+        Q=jnp.einsum("m,md,hmk->hdk", u, x, dq),
+        K=jnp.einsum("n,nd,hnk->hdk", w, x, dk),
+        V=jnp.einsum("n,nd,hnk->hdk", w, x, dv),
+        O=jnp.einsum("m,md,hmk->hdk", u, p, o),
+    )
+
+
 class AttentionField(eqx.Module):
-    """The multi-head attention velocity field `Gamma(x, mu; nu)` (SPEC 1-2).
+    """The multi-head attention velocity field `Gamma(x, mu; nu)`
+    (docs/theory.md, sections 1-2).
 
     For one layer of `H` heads, `nu = (1/H) sum_h delta_{theta_h}` and
 
@@ -43,208 +77,92 @@ class AttentionField(eqx.Module):
         m_h(x) = int y a_h(x, y) mu(dy),  a_h(x, y) = exp(s_h(x, y)) / D_h(x),
         s_h(x, y) = beta <Q_h^T x, K_h^T y>.
 
-    The softmax is computed stably (scores shifted by their max), so that
-    `beta = 1e3` on unit-scale tokens is finite. The discrete transformer takes
-    explicit Euler steps of this field; the continuous limit integrates it with
-    Diffrax; both call the same methods.
+    The softmax is computed stably, so that `beta = 1e3` on unit-scale tokens
+    is finite. The discrete transformer and the limit both evaluate it through
+    [`mfattn.AttentionVectorField`][].
 
     **Arguments:**
 
     - `beta`: inverse temperature, a positive scalar.
-    - `chunk_size`: `None` (default) evaluates each layer with dense `(H, m, n)`
-      score blocks, fastest for short sequences; an int processes keys in blocks
-      of that size with an online softmax and recomputed densities, one head at
-      a time, so memory is `O(m * chunk_size)` per head (long sequences). Both
-      give the same numbers to rounding.
-    - `mesh`: `None` (default) runs on one device. A `jax.sharding.Mesh` shards
-      the queries (tokens and test particles) of every kernel call over all its
-      devices with `jax.shard_map`; keys are gathered on every device and
-      key-side sums are reduced across devices. Combine with `chunk_size` for
-      long sequences on many devices. The numbers are those of one device, to
-      rounding. The mesh's axes are used as `Auto` axes (an `Explicit` mesh,
-      `jax.make_mesh`'s default, is converted); to place data on the devices
-      yourself, e.g. parameters replicated so that a jitted training step sees
-      the same input shardings at every call, create the mesh with
-      `axis_types=(jax.sharding.AxisType.Auto,) * ndim`.
+    - `kernel`: the backend, an [`mfattn.AbstractAttentionKernel`][]; default
+      [`mfattn.DenseKernel`][]`()`. Causal masking is a property of the kernel
+      (`DenseKernel(causal=True)`): token `i` attends to tokens `j <= i` in the
+      order of `measure.points`.
+    - `mesh`, `chunk_size`: shortcuts: `chunk_size=c` means
+      `kernel=ChunkedKernel(c)`, and `mesh=` wraps the kernel in
+      [`mfattn.ShardedKernel`][] (queries sharded over the mesh's devices).
+      `AttentionField(beta, c)` with an int `c` still means `chunk_size=c`.
 
     Methods take query points `x` of shape `(d,)` or `(m, d)`, an
     [`mfattn.EmpiricalMeasure`][], and one layer's heads (an
-    [`mfattn.AttentionParams`][] with leaves `(H, d, k)`).
+    [`mfattn.AttentionParams`][] with leaves `(H, d, k)`). Query points that are
+    not atoms sit, for a causal kernel, after the last token (they see every
+    token) unless `positions=` says otherwise.
     """
 
     beta: float | Float[Array, ""]
-    chunk_size: int | None = eqx.field(static=True, default=None)
-    mesh: Mesh | None = eqx.field(static=True, default=None)
+    kernel: AbstractAttentionKernel
 
-    def __init__(self, beta, chunk_size: int | None = None, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        beta,
+        kernel: AbstractAttentionKernel | int | None = None,
+        mesh: Mesh | None = None,
+        *,
+        chunk_size: int | None = None,
+    ):
+        if isinstance(kernel, int) and not isinstance(kernel, bool):
+            kernel, chunk_size = None, kernel  # the old positional `chunk_size`
         self.beta = check_beta(beta)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
-        if mesh is not None and not isinstance(mesh, Mesh):
-            raise TypeError(
-                f"`mesh` must be a jax.sharding.Mesh or None, got {type(mesh).__name__}"
-            )
-        self.mesh = None if mesh is None else _sharding.auto_mesh(mesh)
+        self.kernel = resolve_kernel(kernel, chunk_size, mesh)
 
-    # Kernel dispatch: dense (one (H, m, n) block, fastest for small n) or chunked
-    # over keys with O(m * chunk_size) memory per head (long sequences).
-    def _k_forward(self, q, k, v, w):
-        if self.chunk_size is None:
-            f = lambda q, k, v, w: _kernel.forward(q, k, v, w, self.beta)
+    @property
+    def causal(self) -> bool:
+        return self.kernel.causal
+
+    # ------------------------------------------------------------ the routes
+    def _positions(self, n, m, positions, name="test_positions"):
+        """Token positions `0..n-1` followed by those of `m` extra points."""
+        if not self.kernel.causal:
+            return None
+        tokens = jnp.arange(n)
+        if m == 0:
+            return tokens
+        if positions is None:
+            extra = jnp.full((m,), n)
         else:
-            f = lambda q, k, v, w: _kernel.forward_chunked(q, k, v, w, self.beta, self.chunk_size)
-        if self.mesh is None:
-            return f(q, k, v, w)
-        return _sharding.forward(self.mesh, f, q, k, v, w)
+            extra = jnp.asarray(positions)
+            if extra.shape != (m,):
+                raise ValueError(f"`{name}` must have shape ({m},), got {extra.shape}")
+        return jnp.concatenate([tokens, extra.astype(tokens.dtype)])
 
-    def _k_query_side(self, q, k, v, w, o, lse, c):
-        b, cs = self.beta, self.chunk_size
-        if cs is None:
-            f = lambda *a: _kernel.query_side(*a, b)
+    def _outputs(self, params, pts, n, w, pos):
+        """Attention outputs `(o, aux)` of all points `pts` against the first `n`
+        (the atoms, weights `w`)."""
+        q = _project(pts, params.Q)
+        k = _project(pts[:n], params.K)
+        v = _project(pts[:n], params.V)
+        kpos = None if pos is None else pos[:n]
+        return self.kernel.forward(q, k, v, w, self.beta, pos, kpos)
+
+    def _pullback(self, params, pts, w, u, pos, p, cache):
+        """The closed-form pullback of the velocities of all points `pts`
+        (keys with weights `w`, zero for probes; queries with weights `u`, zero
+        for test points) with cotangents `p`: the bracket at every point and
+        the per-head gradient map."""
+        q = _project(pts, params.Q)
+        k = _project(pts, params.K)
+        v = _project(pts, params.V)
+        if cache is None:
+            o, aux = self.kernel.forward(q, k, v, w, self.beta, pos, pos)
         else:
-            f = lambda *a: _kernel.query_side_chunked(*a, b, cs)
-        if self.mesh is None:
-            return f(q, k, v, w, o, lse, c)
-        return _sharding.query_side(self.mesh, f, q, k, v, w, o, lse, c)
-
-    def _k_key_side(self, q, o, lse, c, u, kp, vp):
-        b, cs = self.beta, self.chunk_size
-        if cs is None:
-            f = lambda *a: _kernel.key_side(*a, b)
-        else:
-            f = lambda *a: _kernel.key_side_chunked(*a, b, cs)
-        if self.mesh is None:
-            return f(q, o, lse, c, u, kp, vp)
-        return _sharding.key_side(self.mesh, f, q, o, lse, c, u, kp, vp)
-
-    def _k_backward(self, q, k, v, w, o, lse, c):
-        b, cs = self.beta, self.chunk_size
-        if cs is None:
-            f = lambda *a, u=None: _kernel.backward(*a, b, u=u)
-        else:
-            f = lambda *a, u=None: _kernel.backward_chunked(*a, b, cs, u=u)
-        if self.mesh is None:
-            return f(q, k, v, w, o, lse, c)
-        return _sharding.backward(self.mesh, f, q, k, v, w, o, lse, c)
-
-    # ------------------------------------------------------------------ field
-    def __call__(self, x, measure: EmpiricalMeasure, params: AttentionParams):
-        """Same as [`mfattn.AttentionField.velocity`][]."""
-        return self.velocity(x, measure, params)
-
-    @eqx.filter_jit
-    def velocity(self, x, measure: EmpiricalMeasure, params: AttentionParams):
-        """`Gamma(x, mu; nu)`, shape like `x`."""
-        check_layer(measure, params)
-        x = _queries(x, measure.dim)
-        single = x.ndim == 1
-        xs = x[None] if single else x
-        o, _ = self._attend(xs, measure, params)
-        out = jnp.einsum("hdk,hmk->md", params.O, o) / params.heads
-        return out[0] if single else out
-
-    def _attend(self, xs, measure, params):
-        q = _kernel.project(xs, params.Q)
-        k = _kernel.project(measure.points, params.K)
-        v = _kernel.project(measure.points, params.V)
-        return self._k_forward(q, k, v, measure.weights)
-
-    def _stats(self, xs, measure, params):
-        # pi (H, m, n) and m_h(x) (H, m, d): the literal SPEC objects.
-        _, lse = self._attend(xs, measure, params)
-        q = _kernel.project(xs, params.Q)
-        k = _kernel.project(measure.points, params.K)
-        pi = _kernel.density(q, k, lse, self.beta) * measure.weights
-        mean = jnp.einsum("hmn,nd->hmd", pi, measure.points)
-        return pi, mean, lse
-
-    # ----------------------------------------------- closed-form derivatives
-    @eqx.filter_jit
-    def grad_x(self, x, measure: EmpiricalMeasure, params: AttentionParams):
-        """`grad_x Gamma(x, mu; nu) = (1/H) sum_h beta O V^T Cov_a(x)[y] K Q^T`.
-
-        **Returns:** `(d, d)` for one query, `(m, d, d)` for many (SPEC 1).
-        """
-        check_layer(measure, params)
-        x = _queries(x, measure.dim)
-        single = x.ndim == 1
-        xs = x[None] if single else x
-        pi, mean, _ = self._stats(xs, measure, params)
-        dev = measure.points[None, None] - mean[:, :, None]  # (H, m, n, d)
-        cov = jnp.einsum("hmn,hmnd,hmne->hmde", pi, dev, dev)
-        OV = jnp.einsum("hdk,hek->hde", params.O, params.V)
-        KQ = jnp.einsum("hdk,hek->hde", params.K, params.Q)
-        out = self.beta * jnp.einsum("hde,hmef,hfg->mdg", OV, cov, KQ) / params.heads
-        return out[0] if single else out
-
-    @eqx.filter_jit
-    def lions_derivative(self, x, measure: EmpiricalMeasure, params: AttentionParams, y):
-        """The Lions derivative `d_mu Gamma(x, mu; nu)(y)` (SPEC 1):
-
-            (1/H) sum_h a_h(x, y) O V^T [I + beta (y - m_h(x)) (K Q^T x)^T].
-
-        For an atom `y = x_j`, `w_j * d_mu Gamma(x, mu)(x_j)` is the Jacobian of
-        `Gamma(x, mu)` with respect to the atom `x_j`.
-
-        **Arguments:** query points `x` `(d,)` or `(m, d)`; evaluation points
-        `y` `(d,)` or `(p, d)` (any points, not only atoms).
-
-        **Returns:** `(d, d)`, `(m, d, d)`, `(p, d, d)` or `(m, p, d, d)`
-        following the shapes of `x` and `y`.
-        """
-        check_layer(measure, params)
-        x = _queries(x, measure.dim)
-        y = _queries(y, measure.dim, "y")
-        xs = x[None] if x.ndim == 1 else x
-        ys = y[None] if y.ndim == 1 else y
-        _, mean, lse = self._stats(xs, measure, params)
-        q = _kernel.project(xs, params.Q)
-        a = _kernel.density(q, _kernel.project(ys, params.K), lse, self.beta)
-        OV = jnp.einsum("hdk,hek->hde", params.O, params.V)
-        kq = jnp.einsum("hdk,hmk->hmd", params.K, q)  # K Q^T x, (H, m, d)
-        u = jnp.einsum("hde,hmpe->hmpd", OV, ys[None, None] - mean[:, :, None])
-        mat = OV[:, None, None] + self.beta * u[..., :, None] * kq[:, :, None, None, :]
-        out = jnp.einsum("hmp,hmpde->mpde", a, mat) / params.heads
-        if y.ndim == 1:
-            out = out[:, 0]
-        if x.ndim == 1:
-            out = out[0]
-        return out
-
-    @eqx.filter_jit
-    def param_grad(self, x, measure: EmpiricalMeasure, params: AttentionParams, p, weights=None):
-        """The per-head gradient map `g(theta_h) = sum_i u_i grad_theta G(x_i, mu; theta_h)^T p_i`
-        (SPEC section 4), in closed form.
-
-        **Arguments:** query points `x` `(m, d)`, cotangents `p` `(m, d)`, query
-        weights `u` `(m,)` (default: `measure.weights` when `x` are the atoms,
-        which is the case the gradient map of the transformer uses; pass them
-        explicitly otherwise).
-
-        **Returns:** an `AttentionParams` with leaves `(H, d, k)`.
-        """
-        check_layer(measure, params)
-        x = _queries(x, measure.dim)
-        p = _queries(p, measure.dim, "p")
-        if x.ndim != 2 or p.shape != x.shape:
-            raise ValueError(f"`x` and `p` must both be (m, d), got {x.shape} and {p.shape}")
-        if weights is None:
-            if x.shape[0] != measure.num_points:
-                raise ValueError("pass `weights` for query points that are not the atoms")
-            weights = measure.weights
-        weights = as_float_array(weights, "weights", ndim=1)
-        q = _kernel.project(x, params.Q)
-        k = _kernel.project(measure.points, params.K)
-        v = _kernel.project(measure.points, params.V)
-        o, lse = self._k_forward(q, k, v, measure.weights)
+            o, aux = cache
         c = jnp.einsum("hdk,md->hmk", params.O, p)
-        dq = self._k_query_side(q, k, v, measure.weights, o, lse, c)
-        dk, dv = self._k_key_side(q, o, lse, c, weights, k, v)
-        return _assemble_grads(x, weights, measure.points, measure.weights, p, o, dq, dk, dv)
+        dq, dk, dv = self.kernel.backward(q, k, v, w, o, aux, c, u, self.beta, pos, pos)
+        bracket = _to_tokens(params, dq, dk, dv) / params.heads
+        return bracket, _assemble_grads(pts, u, w, p, o, dq, dk, dv)
 
-    # ------------------------------------------- solver-facing contractions
-    @eqx.filter_jit
+    # ------------------------------------------------ solver-facing methods
     def forward(
         self,
         measure: EmpiricalMeasure,
@@ -252,25 +170,29 @@ class AttentionField(eqx.Module):
         test_points=None,
         *,
         return_cache: bool = False,
+        test_positions=None,
     ):
         """Velocities of the atoms and of optional test points `z (m, d)`
         (test points are moved by the field but do not act on the measure).
 
         **Returns:** `(v_atoms (n, d), v_test (m, d) or None)`, and with
-        `return_cache=True` a third element: the per-head attention outputs and
-        log-normalisers `(o (H, n+m, k), lse (H, n+m))`, `O(n)` memory, which
-        [`mfattn.AttentionField.backward`][] accepts as `cache` instead of
-        recomputing them (one pass over the keys less).
+        `return_cache=True` a third element: the kernel's per-head outputs at
+        all the points (for the default kernels `(o (H, n+m, k), lse (H, n+m))`,
+        `O(n)` memory), which [`mfattn.AttentionField.backward`][] accepts as
+        `cache` instead of recomputing them.
         """
         check_layer(measure, params)
+        n = measure.num_points
         pts = measure.points
+        m = 0
         if test_points is not None:
             pts = jnp.concatenate([pts, test_points], axis=0)
-        o, lse = self._attend(pts, measure, params)
+            m = test_points.shape[0]
+        pos = self._positions(n, m, test_positions)
+        o, aux = self._outputs(params, pts, n, measure.weights, pos)
         vel = jnp.einsum("hdk,hmk->md", params.O, o) / params.heads
-        n = measure.num_points
         out = vel[:n], (None if test_points is None else vel[n:])
-        return out + ((o, lse),) if return_cache else out
+        return out + ((o, aux),) if return_cache else out
 
     def backward(
         self,
@@ -280,8 +202,10 @@ class AttentionField(eqx.Module):
         test_points=None,
         test_p=None,
         cache=None,
+        *,
+        test_positions=None,
     ):
-        """One step of the closed-form adjoint (SPEC section 4).
+        """One step of the closed-form adjoint (docs/theory.md, section 4).
 
         With `p` the rescaled adjoints of the atoms, returns the bracket
 
@@ -296,51 +220,167 @@ class AttentionField(eqx.Module):
         of `forward(..., return_cache=True)` at the same points, or `None`.
         """
         check_layer(measure, params)
-        x, w, H = measure.points, measure.weights, params.heads
-        q = _kernel.project(x, params.Q)
-        k = _kernel.project(x, params.K)
-        v = _kernel.project(x, params.V)
-        n = x.shape[0]
-        if cache is None:
-            o, lse = self._k_forward(q, k, v, w)
-        else:
-            o, lse = cache[0][:, :n], cache[1][:, :n]
-        c = jnp.einsum("hdk,md->hmk", params.O, p)
-        dq, dk, dv = self._k_backward(q, k, v, w, o, lse, c)
-        bracket = _to_tokens(params, dq, dk, dv) / H
-        grads = _assemble_grads(x, w, x, w, p, o, dq, dk, dv)
+        n, w = measure.num_points, measure.weights
         if test_points is None:
-            return bracket, None, grads
-        z = test_points
-        qz = _kernel.project(z, params.Q)
-        kz = _kernel.project(z, params.K)
-        vz = _kernel.project(z, params.V)
-        if cache is None:
-            oz, lsez = self._k_forward(qz, k, v, w)
-        else:
-            oz, lsez = cache[0][:, n:], cache[1][:, n:]
-        cz = jnp.einsum("hdk,md->hmk", params.O, test_p)
-        dqz = self._k_query_side(qz, k, v, w, oz, lsez, cz)
-        dkz, dvz = self._k_key_side(q, o, lse, c, w, kz, vz)
-        return bracket, _to_tokens(params, dqz, dkz, dvz) / H, grads
+            pos = self._positions(n, 0, None)
+            b, g = self._pullback(params, measure.points, w, w, pos, p, cache)
+            return b, None, g
+        m = test_points.shape[0]
+        pts = jnp.concatenate([measure.points, test_points], axis=0)
+        wz = jnp.concatenate([w, jnp.zeros((m,), w.dtype)])
+        pos = self._positions(n, m, test_positions)
+        if cache is None:  # the forward against the atoms alone (probes do not act)
+            cache = self._outputs(params, pts, n, w, pos)
+        P = jnp.concatenate([p, test_p], axis=0)
+        b, g = self._pullback(params, pts, wz, wz, pos, P, cache)
+        return b[:n], b[n:], g
+
+    # ------------------------------------------------------ closed forms
+    def __call__(self, x, measure: EmpiricalMeasure, params: AttentionParams, positions=None):
+        """Same as [`mfattn.AttentionField.velocity`][]."""
+        return self.velocity(x, measure, params, positions)
+
+    @eqx.filter_jit
+    def velocity(self, x, measure: EmpiricalMeasure, params: AttentionParams, positions=None):
+        """`Gamma(x, mu; nu)`, shape like `x` (`positions`: of the query points,
+        for a causal kernel; default after the last token)."""
+        check_layer(measure, params)
+        x = _queries(x, measure.dim)
+        xs = x[None] if x.ndim == 1 else x
+        _, vz = self.forward(measure, params, xs, test_positions=_pos(positions, x))
+        return vz[0] if x.ndim == 1 else vz
+
+    def _probe_setup(self, measure, xs, ys, xpos, ypos):
+        """Points `[atoms; x; y]` with key weights `[w; 0; 0]` and positions."""
+        n, m = measure.num_points, xs.shape[0]
+        py = 0 if ys is None else ys.shape[0]
+        pts = [measure.points, xs] + ([] if ys is None else [ys])
+        pts = jnp.concatenate(pts, axis=0)
+        w = jnp.concatenate([measure.weights, jnp.zeros((m + py,), measure.weights.dtype)])
+        extra = None
+        if self.kernel.causal:
+            xp = jnp.full((m,), n) if xpos is None else jnp.asarray(xpos)
+            yp = jnp.full((py,), n) if ypos is None else jnp.asarray(ypos)
+            extra = jnp.concatenate([xp, yp])
+        pos = self._positions(n, m + py, extra, "positions")
+        return pts, w, pos
+
+    @eqx.filter_jit
+    def grad_x(self, x, measure: EmpiricalMeasure, params: AttentionParams, positions=None):
+        """`grad_x Gamma(x, mu; nu) = (1/H) sum_h beta O V^T Cov_a(x)[y] K Q^T`
+        (docs/theory.md, section 1), computed as the pullback of `Gamma(x)` with
+        unit cotangents (the atoms' cotangents zero).
+
+        **Returns:** `(d, d)` for one query, `(m, d, d)` for many.
+        """
+        check_layer(measure, params)
+        x = _queries(x, measure.dim)
+        xs = x[None] if x.ndim == 1 else x
+        n, m, d = measure.num_points, xs.shape[0], measure.dim
+        pts, w, pos = self._probe_setup(measure, xs, None, _pos(positions, x), None)
+        u = w  # x are test queries: they do not act on the atoms
+        cache = self._outputs(params, pts, n, measure.weights, pos)
+
+        def row(e):
+            p = jnp.concatenate([jnp.zeros((n, d), pts.dtype), jnp.broadcast_to(e, (m, d))])
+            return self._pullback(params, pts, w, u, pos, p, cache)[0][n:]
+
+        out = jnp.moveaxis(jax.vmap(row)(jnp.eye(d, dtype=pts.dtype)), 0, 1)
+        return out[0] if x.ndim == 1 else out
+
+    @eqx.filter_jit
+    def lions_derivative(
+        self,
+        x,
+        measure: EmpiricalMeasure,
+        params: AttentionParams,
+        y,
+        positions=None,
+        y_positions=None,
+    ):
+        """The Lions derivative `d_mu Gamma(x, mu; nu)(y)` (docs/theory.md,
+        section 1),
+
+            (1/H) sum_h a_h(x, y) O V^T [I + beta (y - m_h(x)) (K Q^T x)^T],
+
+        computed as the key-side pullback at probe points `y` (weight 0) of one
+        query `x` with unit cotangents. For an atom `y = x_j`,
+        `w_j * d_mu Gamma(x, mu)(x_j)` is the Jacobian of `Gamma(x, mu)` with
+        respect to the atom `x_j`.
+
+        **Arguments:** query points `x` `(d,)` or `(m, d)`; evaluation points
+        `y` `(d,)` or `(p, d)` (any points, not only atoms); for a causal
+        kernel their `positions`, `y_positions` (default after the last token).
+
+        **Returns:** `(d, d)`, `(m, d, d)`, `(p, d, d)` or `(m, p, d, d)`
+        following the shapes of `x` and `y`.
+        """
+        check_layer(measure, params)
+        x = _queries(x, measure.dim)
+        y = _queries(y, measure.dim, "y")
+        xs = x[None] if x.ndim == 1 else x
+        ys = y[None] if y.ndim == 1 else y
+        n, d = measure.num_points, measure.dim
+        xpos = _pos(positions, x)
+        xpos = jnp.full((xs.shape[0],), n) if xpos is None else jnp.asarray(xpos)
+
+        def one(xi, pi):
+            pts, w, pos = self._probe_setup(measure, xi[None], ys, pi[None], _pos(y_positions, y))
+            u = jnp.zeros_like(w).at[n].set(1.0)  # only the query x acts
+            cache = self._outputs(params, pts, n, measure.weights, pos)
+
+            def row(e):
+                p = jnp.zeros_like(pts).at[n].set(e)
+                return self._pullback(params, pts, w, u, pos, p, cache)[0][n + 1 :]
+
+            return jnp.moveaxis(jax.vmap(row)(jnp.eye(d, dtype=pts.dtype)), 0, 1)
+
+        out = jax.vmap(one)(xs, xpos)  # (m, p, d, d)
+        if y.ndim == 1:
+            out = out[:, 0]
+        if x.ndim == 1:
+            out = out[0]
+        return out
+
+    @eqx.filter_jit
+    def param_grad(
+        self, x, measure: EmpiricalMeasure, params: AttentionParams, p, weights=None, positions=None
+    ):
+        """The per-head gradient map
+        `g(theta_h) = sum_i u_i grad_theta G(x_i, mu; theta_h)^T p_i`
+        (docs/theory.md, section 4), the same pullback as the solvers'.
+
+        **Arguments:** query points `x` `(m, d)`, cotangents `p` `(m, d)`, query
+        weights `u` `(m,)` (default: `measure.weights` when `x` are the atoms,
+        the case of the transformer's gradient map; pass them explicitly
+        otherwise), and for a causal kernel the queries' `positions` (default:
+        the token positions when `weights` is `None`, else after the last token).
+
+        **Returns:** an `AttentionParams` with leaves `(H, d, k)`.
+        """
+        check_layer(measure, params)
+        x = _queries(x, measure.dim)
+        p = _queries(p, measure.dim, "p")
+        if x.ndim != 2 or p.shape != x.shape:
+            raise ValueError(f"`x` and `p` must both be (m, d), got {x.shape} and {p.shape}")
+        n = measure.num_points
+        if weights is None:
+            if x.shape[0] != n:
+                raise ValueError("pass `weights` for query points that are not the atoms")
+            weights = measure.weights
+            if positions is None and self.kernel.causal:
+                positions = jnp.arange(n)
+        weights = as_float_array(weights, "weights", ndim=1)
+        pts, w, pos = self._probe_setup(measure, x, None, positions, None)
+        u = jnp.concatenate([jnp.zeros_like(measure.weights), weights.astype(w.dtype)])
+        P = jnp.concatenate([jnp.zeros_like(measure.points), p])
+        cache = self._outputs(params, pts, n, measure.weights, pos)
+        return self._pullback(params, pts, w, u, pos, P, cache)[1]
 
 
-def _to_tokens(params, dq, dk, dv):
-    """`sum_h Q_h dq_h + K_h dk_h + V_h dv_h`, back in token space."""
-    return (
-        jnp.einsum("hdk,hmk->md", params.Q, dq)
-        + jnp.einsum("hdk,hmk->md", params.K, dk)
-        + jnp.einsum("hdk,hmk->md", params.V, dv)
-    )
-
-
-def _assemble_grads(x, u, y, w, p, o, dq, dk, dv):
-    """Per-head gradient map from the head-space contractions:
-    `dQ = sum_i u_i x_i dq_i^T`, `dK = sum_j w_j y_j dk_j^T`,
-    `dV = sum_j w_j y_j dv_j^T`, `dO = sum_i u_i p_i o_i^T`."""
-    return AttentionParams(
-        Q=jnp.einsum("m,md,hmk->hdk", u, x, dq),
-        K=jnp.einsum("n,nd,hnk->hdk", w, y, dk),
-        V=jnp.einsum("n,nd,hnk->hdk", w, y, dv),
-        O=jnp.einsum("m,md,hmk->hdk", u, p, o),
-    )
+def _pos(positions, x):
+    """Positions of a single query given as a scalar, as a `(1,)` array."""
+    if positions is None:
+        return None
+    positions = jnp.asarray(positions)
+    return positions[None] if x.ndim == 1 and positions.ndim == 0 else positions

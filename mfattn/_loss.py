@@ -1,4 +1,4 @@
-"""Losses of the terminal measure and their Lions derivatives (SPEC section 4)."""
+"""Losses of the terminal measure and their Lions derivatives (docs/theory.md, section 4)."""
 
 import abc
 

@@ -1,4 +1,4 @@
-"""Empirical measures: weighted token sets (SPEC, notation)."""
+"""Empirical measures: weighted token sets (docs/theory.md, notation)."""
 
 import equinox as eqx
 import jax.numpy as jnp

@@ -5,6 +5,7 @@ import abc
 import equinox as eqx
 
 from ._discrete import solve_discrete
+from ._kernels import AbstractAttentionKernel
 from ._params import AttentionParams
 from ._solution import Solution
 
@@ -29,13 +30,15 @@ class AbstractModel(eqx.Module):
 
 
 class DiscreteTransformer(AbstractModel):
-    """The `L`-layer, `H`-head attention-only transformer of SPEC section 3:
-    [`mfattn.solve_discrete`][] on `params` (leaves `(L, H, d, k)`)."""
+    """The `L`-layer, `H`-head attention-only transformer of docs/theory.md,
+    section 3: [`mfattn.solve_discrete`][] on `params` (leaves `(L, H, d, k)`),
+    with the attention backend `kernel` (or the `chunk_size`/`mesh` shortcuts)."""
 
     params: AttentionParams
     beta: float = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True, default=None)
     mesh: object = eqx.field(static=True, default=None)
+    kernel: AbstractAttentionKernel | None = None
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         return solve_discrete(
@@ -45,13 +48,14 @@ class DiscreteTransformer(AbstractModel):
             self.beta,
             test_points=test_points,
             test_labels=test_labels,
+            kernel=self.kernel,
             chunk_size=self.chunk_size,
             mesh=self.mesh,
         )
 
 
 class MeanFieldTransformer(AbstractModel):
-    """The continuous limit of SPEC section 6: parameter particles on a depth
+    """The continuous limit of docs/theory.md, section 6: parameter particles on a depth
     grid (leaves `(J+1, M, d, k)`), solved by [`mfattn.solve_limit`][]. Every
     (particle, node) pair is trained by its own optimiser state from the
     gradient map at that node."""
@@ -60,11 +64,12 @@ class MeanFieldTransformer(AbstractModel):
     beta: float = eqx.field(static=True)
     times: object = None
     interpolation: str = eqx.field(static=True, default="linear")
-    rtol: float = eqx.field(static=True, default=1e-6)
-    atol: float = eqx.field(static=True, default=1e-8)
+    rtol: float | None = eqx.field(static=True, default=1e-6)
+    atol: float | None = eqx.field(static=True, default=1e-8)
     max_steps: int = eqx.field(static=True, default=4096)
     chunk_size: int | None = eqx.field(static=True, default=None)
     mesh: object = eqx.field(static=True, default=None)
+    kernel: AbstractAttentionKernel | None = None
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None, ts=None) -> Solution:
         from ._limit import solve_limit
@@ -82,6 +87,7 @@ class MeanFieldTransformer(AbstractModel):
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,
+            kernel=self.kernel,
             chunk_size=self.chunk_size,
             mesh=self.mesh,
         )

@@ -114,7 +114,7 @@ def train(
     Every step draws a batch from `sampler(key, batch_size)` (e.g. a
     [`mfattn.DenoisingTask`][]), solves the model on each sample (forward,
     closed-form adjoint, gradient map), averages the gradient map over the batch
-    (SPEC section 4) and applies `optimizer` (e.g. `optax.adamw` or
+    (docs/theory.md, section 4) and applies `optimizer` (e.g. `optax.adamw` or
     [`mfattn.blockwise_adamw`][]). `steps_per_call` steps run inside one jitted
     `lax.scan`, so the host is not in the loop; a progress bar follows the run.
 

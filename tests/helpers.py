@@ -26,3 +26,11 @@ def random_loss(key, kind, measure):
         return mfattn.DenoisingLoss(jax.random.normal(k1, (n, d), dtype=measure.points.dtype))
     target = mfattn.EmpiricalMeasure(jax.random.normal(k2, (5, d), dtype=measure.points.dtype))
     return mfattn.MMDLoss(target, bandwidth=1.3)
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    """Same structure, and every pair of leaves `jnp.allclose` (as Diffrax's
+    and Equinox's test helpers)."""
+    import equinox as eqx
+
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))

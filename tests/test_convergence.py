@@ -1,4 +1,4 @@
-"""Antithetic mean-field initialisation and the flow error of SPEC section 7."""
+"""Antithetic mean-field initialisation and the flow error of docs/theory.md, section 7."""
 
 import jax
 import jax.numpy as jnp
@@ -44,23 +44,23 @@ def test_flow_error_matches_direct_computation(getkey):
 @pytest.mark.parametrize("method", ["random", "sobol"])
 def test_antithetic_variants_keep_the_law_and_the_pairs(getkey, method):
     key = getkey()
-    grid = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, method=method, independent_nodes=True)
+    grid = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, sampling=method, independent_nodes=True)
     a = (6 / 5) ** 0.5
     assert grid.Q.shape == (3, 16, 3, 2)
     assert float(jnp.max(jnp.abs(grid.O[:, :8] + grid.O[:, 8:]))) == 0.0
     assert float(jnp.max(jnp.abs(grid.Q))) <= a
     assert float(jnp.min(jnp.abs(grid.Q[0] - grid.Q[1]))) > 0  # independent nodes
-    shared = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, method=method)
+    shared = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, sampling=method)
     assert float(jnp.max(jnp.abs(shared.Q[0] - shared.Q[2]))) == 0.0
-    again = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, method=method, independent_nodes=True)
+    again = mfattn.antithetic_mean_field(key, 3, 16, 3, 2, sampling=method, independent_nodes=True)
     assert float(jnp.max(jnp.abs(again.V - grid.V))) == 0.0  # deterministic in the key
     # the limit does not move at initialisation, node by node
     measure = random_measure(getkey(), 5, 3)
     loss = mfattn.DenoisingLoss(jax.random.normal(getkey(), (5, 3)))
     sol = mfattn.solve_limit(grid, measure, loss, 1.0, interpolation="constant")
     assert rel_err(sol.xs[-1], measure.points) < 1e-12
-    with pytest.raises(ValueError, match="method"):
-        mfattn.antithetic_mean_field(key, 3, 16, 3, 2, method="halton")
+    with pytest.raises(ValueError, match="sampling"):
+        mfattn.antithetic_mean_field(key, 3, 16, 3, 2, sampling="halton")
 
 
 def test_sobol_entries_are_uniform_on_the_xavier_interval(getkey):

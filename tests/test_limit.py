@@ -181,7 +181,7 @@ def test_bad_grids(getkey):
         mfattn.ParamPath(grid, jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="interpolation"):
         mfattn.ParamPath(grid, interpolation="cubic")
-    with pytest.raises(ValueError, match="params_grid"):
+    with pytest.raises(ValueError, match="`params`"):
         mfattn.solve_limit(grid.layer(0), measure, loss, 1.0)
     with pytest.raises(ValueError, match="beta"):
         mfattn.solve_limit(grid, measure, loss, -1.0)
