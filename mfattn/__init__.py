@@ -70,6 +70,28 @@ from ._vector_field import AdjointVectorField as AdjointVectorField
 from ._vector_field import AttentionVectorField as AttentionVectorField
 from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
 
+# isort: split
+# Clusters, the equiangular reduction, the circle's linear stability, the token flow
+# on the sphere and hardmax attention (issue 14)
+from ._circle import circle_fourier_modes as circle_fourier_modes
+from ._circle import circle_growth_rates as circle_growth_rates
+from ._circle import predicted_cluster_count as predicted_cluster_count
+from ._clusters import Plateau as Plateau
+from ._clusters import cluster_labels as cluster_labels
+from ._clusters import count_clusters as count_clusters
+from ._clusters import diameter as diameter
+from ._clusters import metastable_plateaus as metastable_plateaus
+from ._clusters import pairwise_distances as pairwise_distances
+from ._clusters import time_to_one_cluster as time_to_one_cluster
+from ._equiangular import equiangular_points as equiangular_points
+from ._equiangular import equiangular_rho as equiangular_rho
+from ._equiangular import equiangular_velocity as equiangular_velocity
+from ._flow import TokenFlowField as TokenFlowField
+from ._flow import attention_flow as attention_flow
+from ._flow import identity_layer as identity_layer
+from ._flow import project_tangent as project_tangent
+from ._hardmax import HardmaxKernel as HardmaxKernel
+
 try:
     __version__ = importlib.metadata.version("mfattn")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover
