@@ -7,6 +7,9 @@ each, is in `docs/theory.md`.
 
 import importlib.metadata
 
+from ._adversarial import AdversarialSup as AdversarialSup
+from ._adversarial import adversarial_sup as adversarial_sup
+from ._adversarial import central_difference as central_difference
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
@@ -15,12 +18,21 @@ from ._checkpoint import save_checkpoint as save_checkpoint
 from ._checks import check_finite as check_finite
 from ._checks import checks_enabled as checks_enabled
 from ._checks import set_checks as set_checks
+from ._convergence import BiasFluctuation as BiasFluctuation
 from ._convergence import antithetic_mean_field as antithetic_mean_field
+from ._convergence import bias_fluctuation as bias_fluctuation
 from ._convergence import flow_error as flow_error
+from ._coupling import CoupledTrainResult as CoupledTrainResult
+from ._coupling import train_coupled as train_coupled
 from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
+from ._fits import combined_fit as combined_fit
+from ._fits import jackknife as jackknife
+from ._fits import power_law_fit as power_law_fit
+from ._fits import slope_fit as slope_fit
+from ._fits import t_interval as t_interval
 from ._gradient_flow import GradientFlowField as GradientFlowField
 from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
 from ._gradient_flow import gradient_flow as gradient_flow
