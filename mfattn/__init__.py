@@ -48,6 +48,9 @@ from ._loss import AbstractLoss as AbstractLoss
 from ._loss import DenoisingLoss as DenoisingLoss
 from ._loss import MMDLoss as MMDLoss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
+from ._mlp import MLPParams as MLPParams
+from ._mlp import mlp_backward as mlp_backward
+from ._mlp import mlp_forward as mlp_forward
 from ._model import AbstractModel as AbstractModel
 from ._model import DiscreteTransformer as DiscreteTransformer
 from ._model import MeanFieldTransformer as MeanFieldTransformer
@@ -70,6 +73,9 @@ from ._probe import probe_outputs as probe_outputs
 from ._risk import AbstractRisk as AbstractRisk
 from ._risk import EmpiricalRisk as EmpiricalRisk
 from ._risk import ProbeRisk as ProbeRisk
+from ._sde import SDESolution as SDESolution
+from ._sde import noise_covariance as noise_covariance
+from ._sde import solve_sde as solve_sde
 from ._solution import Solution as Solution
 from ._train import DivergenceError as DivergenceError
 from ._train import TrainResult as TrainResult

@@ -11,9 +11,11 @@ from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
+from ._mlp import Activation, MLPParams
 from ._params import AttentionParams
 from ._path import ParamPath
 from ._solution import Solution
+from ._stochastic import solve_stochastic_discrete, stochastic_discrete_loss
 from ._vector_field import AttentionVectorField
 
 
@@ -76,6 +78,9 @@ def solve_discrete(
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    mlp: MLPParams | None = None,
+    activation: Activation = "tanh",
+    residual_scaling: str = "1/L",
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
@@ -114,11 +119,38 @@ def solve_discrete(
       masking, docs/theory.md, section 8).
     - `chunk_size`, `mesh`: shortcuts for `kernel=ChunkedKernel(chunk_size)` and
       a [`mfattn.ShardedKernel`][] over `mesh` (see [`mfattn.AttentionField`][]).
+    - `mlp`: MLP blocks, an [`mfattn.MLPParams`][] with one block per layer
+      (leaves `(L, d, m)`, `(L, m)`, `(L, m, d)`), added to the attention in
+      every residual step (docs/theory.md, section 9); `None` (default): none.
+    - `activation`: the MLP's `sigma`: `"tanh"` (default), `"relu"`, `"gelu"`,
+      `"linear"`, or an elementwise callable.
+    - `residual_scaling`: `"1/L"` (default, the model above) or `"1/sqrt(L)"`,
+      `x^{l+1} = x^l + L^{-1/2} [Gamma + F]`, the regime whose limit with
+      random per-layer parameters is the common-noise SDE of
+      [`mfattn.solve_sde`][] (docs/theory.md, section 9).
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
-    points are given.
+    points are given; with MLP blocks, `mlp_grads` (the MLP's gradient map,
+    shaped like `mlp`). With either scaling, `grads` is the gradient map `g`:
+    `dLoss/dtheta_{l,h} = (h / H) g(theta_{l,h})`, `h` the residual factor.
     """
+    if mlp is not None or residual_scaling != "1/L":
+        return solve_stochastic_discrete(
+            params,
+            measure,
+            loss,
+            beta,
+            test_points,
+            test_labels=test_labels,
+            test_positions=test_positions,
+            mlp=mlp,
+            activation=activation,
+            residual_scaling=residual_scaling,
+            kernel=kernel,
+            chunk_size=chunk_size,
+            mesh=mesh,
+        )
     params, test_points, test_labels = check_model_inputs(
         params, measure, loss, test_points, test_labels
     )
@@ -186,9 +218,26 @@ def discrete_loss(
     mesh=None,
     *,
     kernel: AbstractAttentionKernel | None = None,
+    mlp: MLPParams | None = None,
+    activation: Activation = "tanh",
+    residual_scaling: str = "1/L",
 ):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
-    differentiates in the tests (and that users can differentiate freely)."""
+    differentiates in the tests (and that users can differentiate freely).
+    `mlp`, `activation`, `residual_scaling` as in [`mfattn.solve_discrete`][]."""
+    if mlp is not None or residual_scaling != "1/L":
+        return stochastic_discrete_loss(
+            params,
+            measure,
+            loss,
+            beta,
+            mlp=mlp,
+            activation=activation,
+            residual_scaling=residual_scaling,
+            kernel=kernel,
+            chunk_size=chunk_size,
+            mesh=mesh,
+        )
     params, _, _ = check_model_inputs(params, measure, loss, None, None)
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
     dt = 1.0 / params.depth
