@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import ArrayLike, Float
 
-from ._checks import as_float_array, check_finite
+from ._checks import as_float_array, check_finite_args
 from ._custom_types import BetaLike
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
@@ -51,10 +51,8 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
             test_labels = as_float_array(test_labels, "test_labels", ndim=2)
     elif test_labels is not None:
         raise ValueError("`test_labels` given without `test_points`")
-    params = check_finite(params, name)
-    test_points = None if test_points is None else check_finite(test_points, "test_points")
-    test_labels = None if test_labels is None else check_finite(test_labels, "test_labels")
-    return params, test_points, test_labels
+    checked = check_finite_args(**{name: params}, test_points=test_points, test_labels=test_labels)
+    return checked[0], checked[1], checked[2]
 
 
 def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions):
