@@ -30,10 +30,11 @@ class AttentionParams(eqx.Module):
     field (`params.Q`, ...).
     """
 
-    Q: Float[Array, "*LH d k"]
-    K: Float[Array, "*LH d k"]
-    V: Float[Array, "*LH d k"]
-    O: Float[Array, "*LH d k"]
+    # anonymous dims: the shapes are compared by __init__, with an error naming the field
+    Q: Float[Array, "... _ _"]
+    K: Float[Array, "... _ _"]
+    V: Float[Array, "... _ _"]
+    O: Float[Array, "... _ _"]
 
     def __check_init__(self):
         shapes = {}
