@@ -2,12 +2,18 @@
 (the statistics of docs/theory.md, section 7). Plain NumPy: they run on the
 host, on the results of a study."""
 
+from collections.abc import Sequence
+from typing import Union
+
 import numpy as np
 from jaxtyping import ArrayLike
 
+# values given as arrays or (nested) lists of numbers
+Values = Union[ArrayLike, Sequence]
+
 
 def slope_fit(
-    xs: ArrayLike, per_init: ArrayLike, rng: np.random.Generator, boots: int = 2000
+    xs: Values, per_init: Values, rng: np.random.Generator, boots: int = 2000
 ) -> tuple[float, list[float]]:
     """Least-squares slope of `log(mean error)` on `log(x)`, with a bootstrap
     over initialisations.
@@ -33,9 +39,9 @@ def slope_fit(
 
 
 def combined_fit(
-    Ls: ArrayLike,
-    Hs: ArrayLike,
-    per_init: ArrayLike,
+    Ls: Values,
+    Hs: Values,
+    per_init: Values,
     rng: np.random.Generator | None = None,
     boots: int = 500,
     *,
@@ -134,7 +140,7 @@ def _check_count(n: int, min_samples: int, what: str = "samples"):
 
 
 def t_interval(
-    samples: ArrayLike, level: float = 0.95, *, min_samples: int = 4
+    samples: Values, level: float = 0.95, *, min_samples: int = 4
 ) -> dict[str, float | list[float] | int]:
     """Student-`t` interval for the mean of independent samples (e.g. errors
     of independent initialisations).
@@ -208,8 +214,8 @@ def jackknife(
 
 
 def power_law_fit(
-    covariates: dict[str, ArrayLike],
-    per_init: ArrayLike,
+    covariates: dict[str, Values],
+    per_init: Values,
     level: float = 0.95,
     *,
     min_samples: int = 4,
