@@ -3,9 +3,9 @@
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import ArrayLike, Float
 
-from ._checks import as_float_array
+from ._checks import as_float_array, check_finite_args
 from ._custom_types import BetaLike
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
@@ -20,7 +20,10 @@ from ._vector_field import AttentionVectorField
 
 
 def check_model_inputs(params, measure, loss, test_points, test_labels, name="params"):
-    """Shared trace-time checks of `solve_discrete` and `solve_limit`."""
+    """Shared checks of `solve_discrete` and `solve_limit`: types and shapes at
+    trace time, finite values of `params`, `test_points` and `test_labels`
+    (through `eqx.error_if` when traced). Returns the checked
+    `(params, test_points, test_labels)`, which callers must use."""
     if not isinstance(params, AttentionParams):
         raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
     if params.Q.ndim != 4:
@@ -48,7 +51,8 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
             test_labels = as_float_array(test_labels, "test_labels", ndim=2)
     elif test_labels is not None:
         raise ValueError("`test_labels` given without `test_points`")
-    return test_points, test_labels
+    checked = check_finite_args(**{name: params}, test_points=test_points, test_labels=test_labels)
+    return checked[0], checked[1], checked[2]
 
 
 def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions):
@@ -65,9 +69,9 @@ def solve_discrete(
     measure: EmpiricalMeasure,
     loss: AbstractLoss,
     beta: BetaLike,
-    test_points: Float[Array, "m d"] | None = None,
+    test_points: Float[ArrayLike, "m d"] | None = None,
     *,
-    test_labels: Float[Array, "m e"] | None = None,
+    test_labels: Float[ArrayLike, "m _"] | None = None,
     test_positions=None,
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
@@ -108,8 +112,9 @@ def solve_discrete(
     - `test_positions`: for a causal kernel, the sequence positions of the test
       particles, `(m,)` (default `n`: after the last token, they see all tokens).
     - `kernel`: the attention backend, an [`mfattn.AbstractAttentionKernel`][]
-      (default [`mfattn.DenseKernel`][]`()`; `DenseKernel(causal=True)` for
-      causal masking, docs/theory.md, section 8).
+      (default [`mfattn.AutoKernel`][]`()`: dense up to 128 keys, chunked
+      beyond; `DenseKernel(causal=True)` or `AutoKernel(causal=True)` for causal
+      masking, docs/theory.md, section 8).
     - `chunk_size`, `mesh`: shortcuts for `kernel=ChunkedKernel(chunk_size)` and
       a [`mfattn.ShardedKernel`][] over `mesh` (see [`mfattn.AttentionField`][]).
     - `mlp`: MLP blocks, an [`mfattn.MLPParams`][] with one block per layer
@@ -144,7 +149,9 @@ def solve_discrete(
             chunk_size=chunk_size,
             mesh=mesh,
         )
-    test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
+    params, test_points, test_labels = check_model_inputs(
+        params, measure, loss, test_points, test_labels
+    )
     L = params.depth
     dtype = jnp.result_type(measure.points.dtype, params.dtype)
     measure = eqx.tree_at(
@@ -229,7 +236,7 @@ def discrete_loss(
             chunk_size=chunk_size,
             mesh=mesh,
         )
-    check_model_inputs(params, measure, loss, None, None)
+    params, _, _ = check_model_inputs(params, measure, loss, None, None)
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
     dt = 1.0 / params.depth
 

@@ -17,7 +17,7 @@ class Solution(eqx.Module):
     - `ts`: times of the saved states, `(S,)`; `l / L` for the discrete model,
       the depth-grid nodes (or requested times) for the limit.
     - `xs`: token states `(S, n, d)`; `xs[l]` is `x^l` (discrete) or `x(t_l)`.
-    - `ps`: rescaled adjoints `p = (1/w) dLoss/dx`, `(S, n, d)` (SPEC section 4).
+    - `ps`: rescaled adjoints `p = (1/w) dLoss/dx`, `(S, n, d)` (docs/theory.md, section 4).
     - `grads`: the gradient map as an [`mfattn.AttentionParams`][] shaped like the
       parameters; for the discrete model `L * H * dLoss/dtheta_{l,h}`, for the
       limit `g(theta^m(t_j), t_j)` at every grid node.

@@ -99,7 +99,9 @@ def solve_stochastic_discrete(
     """
     from ._discrete import check_model_inputs  # the checks shared with solve_discrete
 
-    test_points, test_labels = check_model_inputs(params, measure, loss, test_points, test_labels)
+    params, test_points, test_labels = check_model_inputs(
+        params, measure, loss, test_points, test_labels
+    )
     check_mlp(mlp, params, activation)
     L = params.depth
     h = residual_step(L, residual_scaling)
@@ -187,7 +189,7 @@ def stochastic_discrete_loss(
     by `jax.grad`); called by [`mfattn.discrete_loss`][]."""
     from ._discrete import check_model_inputs
 
-    check_model_inputs(params, measure, loss, None, None)
+    params, _, _ = check_model_inputs(params, measure, loss, None, None)
     check_mlp(mlp, params, activation)
     h = residual_step(params.depth, residual_scaling)
     field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
