@@ -69,7 +69,13 @@ def _offdiag(x):
 
 
 @pytest.mark.parametrize(
-    "n,dim,beta,rho0", [(2, 2, 1.0, -0.6), (3, 4, 4.0, 0.0), (5, 5, 9.0, 0.6), (8, 9, 2.0, -0.1)]
+    "n,dim,beta,rho0",
+    [
+        (5, 5, 9.0, 0.6),
+        pytest.param(2, 2, 1.0, -0.6, marks=pytest.mark.slow),
+        pytest.param(3, 4, 4.0, 0.0, marks=pytest.mark.slow),
+        pytest.param(8, 9, 2.0, -0.1, marks=pytest.mark.slow),
+    ],
 )
 def test_particles_stay_equiangular_and_follow_the_ode(getkey, n, dim, beta, rho0):
     """Projected RK4 of the particle system (Q = K = V = O = I, one head, uniform
