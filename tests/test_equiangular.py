@@ -12,7 +12,15 @@ from sphere_reference import identity_heads, projected_rk4
 import mfattn
 
 
-@pytest.mark.parametrize("n,dim", [(2, 2), (3, 3), (5, 7), (8, 8)])
+@pytest.mark.parametrize(
+    "n,dim",
+    [
+        (3, 3),
+        (5, 7),
+        pytest.param(2, 2, marks=pytest.mark.slow),
+        pytest.param(8, 8, marks=pytest.mark.slow),
+    ],
+)
 def test_equiangular_points_gram(getkey, n, dim):
     for rho in (-1.0 / (n - 1), -0.5 / (n - 1), 0.0, 0.37, 1.0):
         for key in (None, getkey()):
