@@ -100,7 +100,12 @@ def problem(model, n, seed):
 
 def w2(a, b):
     """Exact `W_2` between two uniform empirical measures of equal size."""
-    import ot
+    try:
+        import ot
+    except ImportError as e:
+        raise ImportError(
+            "the low-temperature benchmark needs POT: pip install 'mfattn[ot]'"
+        ) from e
 
     a, b = np.asarray(a), np.asarray(b)
     cost = ot.dist(a, b)  # squared Euclidean
