@@ -23,12 +23,18 @@ class AttentionParams(eqx.Module):
 
     **Raises:** `ValueError` if the four fields do not share one shape with 3 or
     4 axes; `TypeError` for a non-floating dtype.
+
+    Values are not checked here (gradient maps are `AttentionParams` too, built
+    inside the solvers); the solvers and [`mfattn.train`][] check the
+    parameters they are given with [`mfattn.check_finite`][], naming the
+    field (`params.Q`, ...).
     """
 
-    Q: Float[Array, "*LH d k"]
-    K: Float[Array, "*LH d k"]
-    V: Float[Array, "*LH d k"]
-    O: Float[Array, "*LH d k"]
+    # anonymous dims: the shapes are compared by __init__, with an error naming the field
+    Q: Float[Array, "... _ _"]
+    K: Float[Array, "... _ _"]
+    V: Float[Array, "... _ _"]
+    O: Float[Array, "... _ _"]
 
     def __check_init__(self):
         shapes = {}
