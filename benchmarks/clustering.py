@@ -121,17 +121,19 @@ def run_equiangular(cfg, key_args):
 
 
 def equiangular_time(n, beta, diameter, horizon):
-    """Time for n equiangular tokens from rho = 0 to reach angle `diameter`."""
-    ts = np.concatenate([[0.0], np.logspace(-3, np.log10(horizon), 2000)])
-    rho = mfattn.equiangular_rho(ts, 0.0, beta, n)
+    """Time for n equiangular tokens from rho = 0 to reach angle `diameter`:
+    `T = int_0^{cos(diameter)} d rho / rho'(rho)` (rho' > 0 there), by quadrature."""
+    from scipy.integrate import quad
+
     target = np.cos(diameter)
-    if rho[-1] < target:
-        return float("inf")
-    i = int(np.argmax(rho >= target))
-    # 1 - rho decays exponentially near 1: interpolate its logarithm
-    a, b = np.log(1 - rho[i - 1]), np.log(max(1 - rho[i], 1e-300))
-    frac = (a - np.log(1 - target)) / (a - b)
-    return float(ts[i - 1] + frac * (ts[i] - ts[i - 1]))
+    T, _ = quad(
+        lambda r: 1.0 / mfattn.equiangular_velocity(r, beta, n),
+        0.0,
+        target,
+        limit=500,
+        epsrel=1e-10,
+    )
+    return float(T) if T <= horizon else float("inf")
 
 
 def run_time(cfg, key_args):

@@ -21,7 +21,7 @@ def _one_token_case(seed, d=3, k=2, H=2):
     return layer, A, x0
 
 
-@pytest.mark.parametrize("normalization", [None, "sphere"])
+@pytest.mark.parametrize("normalization", [pytest.param(None, marks=pytest.mark.slow), "sphere"])
 def test_one_token_linear_flow(normalization):
     """x' = A x: x(t) = e^{tA} x0. On the sphere, x' = P_x A x, whose solution is
     the normalised linear flow e^{tA} x0 / |e^{tA} x0| (from a unit x0)."""
@@ -44,6 +44,7 @@ def test_one_token_linear_flow(normalization):
     assert rel_err(xs[:, 0], exact) < 1e-9
 
 
+@pytest.mark.slow
 def test_param_path_time_dependent():
     """A ParamPath from O = a M to O = b M (V = I, one token):
     x' = ((1 - t) a + t b) M x, so x(t) = exp((a t + (b - a) t^2 / 2) M) x0."""
@@ -69,7 +70,14 @@ def test_param_path_time_dependent():
     assert rel_err(xs[:, 0], exact) < 1e-9
 
 
-@pytest.mark.parametrize("n,beta,rho0", [(2, 1.0, -0.6), (5, 5.0, 0.3), (16, 4.0, 0.05)])
+@pytest.mark.parametrize(
+    "n,beta,rho0",
+    [
+        (5, 5.0, 0.3),
+        pytest.param(2, 1.0, -0.6, marks=pytest.mark.slow),
+        pytest.param(16, 4.0, 0.05, marks=pytest.mark.slow),
+    ],
+)
 def test_sphere_equiangular_to_1e7(getkey, n, beta, rho0):
     """Q = K = V = O = I on the sphere from equiangular tokens: they stay
     equiangular, on the sphere, and rho(t) is the scalar ODE's to 1e-7."""
