@@ -19,7 +19,8 @@ import mfattn
 
 def solve(params, pts, chunk):
     m = mfattn.EmpiricalMeasure(pts)
-    sol = mfattn.solve_discrete(params, m, mfattn.DenoisingLoss(pts), 1.0, chunk_size=chunk)
+    kernel = mfattn.DenseKernel() if chunk is None else mfattn.ChunkedKernel(chunk)
+    sol = mfattn.solve_discrete(params, m, mfattn.DenoisingLoss(pts), 1.0, kernel=kernel)
     return sol.ps[0], sol.grads
 
 

@@ -1,12 +1,15 @@
-"""The scaling-law study (SPEC section 7); the code lives in `mfattn.scaling`.
+"""The convergence study (docs/theory.md, section 7); the code lives in
+`mfattn/studies/scaling.py` (so that `python -m mfattn` runs it from an installed
+package too).
 
-    python -m benchmarks.scaling --quick      # < 5 minutes on 2 cores
+    python -m benchmarks.scaling --quick      # minutes on 2 cores
+    python -m benchmarks.scaling --medium     # ~20-30 minutes on 2 idle cores
     python -m benchmarks.scaling              # the full preset (resumable)
-
-See `mfattn/scaling.py` for what is measured and how.
+    python -m benchmarks.scaling --quick --summarize   # rebuild JSON and PNGs
 """
 
-from mfattn.scaling import PRESETS, combined_fit, main, run, slope_fit, summarize  # noqa: F401
+from mfattn import combined_fit, slope_fit  # noqa: F401
+from mfattn.studies.scaling import PRESETS, main, run, summarize  # noqa: F401
 
 if __name__ == "__main__":
     main()

@@ -32,13 +32,14 @@ SIZES = {
     "medium": dict(B=8, n=256, d=16, k=4, L=32, H=64),
     "long": dict(B=1, n=4096, d=16, k=4, L=8, H=16),
 }
-# the mfattn configurations timed at each size: (chunk_size, devices); chunk 0 is
-# the dense kernel; devices > 1 shards over that many host CPU devices (the batch
-# of token sets when B > 1, the tokens when B = 1), i.e. the cores
+# the mfattn configurations timed at each size: (chunk_size, devices); chunk -1 is
+# the plain call (the default kernel, mfattn.AutoKernel), chunk 0 the dense kernel;
+# devices > 1 shards over that many host CPU devices (the batch of token sets when
+# B > 1, the tokens when B = 1), i.e. the cores
 VARIANTS = {
-    "small": [(0, 1), (0, 0)],
-    "medium": [(0, 1), (128, 1), (128, 0)],
-    "long": [(64, 1), (64, 0)],
+    "small": [(-1, 1), (0, 1), (0, 0)],
+    "medium": [(-1, 1), (0, 1), (128, 1), (128, 0)],
+    "long": [(-1, 1), (64, 1), (64, 0)],
 }
 LIMIT = dict(n=64, d=8, k=4, J=8, M=32, rtol=1e-6, atol=1e-8, beta=1.0)
 
@@ -72,7 +73,7 @@ def _data(cfg, seed=0):
 
 def worker_step(framework, size, repeats, chunk=0, devices=1):
     cfg = dict(SIZES[size])
-    cfg["chunk"] = None if chunk == 0 else chunk
+    cfg["chunk"] = chunk
     params, x, y = _data(cfg)
     rss0 = _rss_mib()
     if framework == "torch":
@@ -103,11 +104,14 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
                 mesh = devs
             else:  # data parallel: the token sets split over the devices
                 x, y = (jax.device_put(a, NamedSharding(devs, PartitionSpec(axis))) for a in (x, y))
+        if chunk == -1:
+            kernel = mfattn.AutoKernel()
+        elif chunk == 0:
+            kernel = mfattn.DenseKernel()
+        else:
+            kernel = mfattn.ChunkedKernel(chunk)
         model = mfattn.DiscreteTransformer(
-            mfattn.AttentionParams(*map(jnp.asarray, params)),
-            1.0,
-            chunk_size=cfg["chunk"],
-            mesh=mesh,
+            mfattn.AttentionParams(*map(jnp.asarray, params)), 1.0, mesh=mesh, kernel=kernel
         )
         opt = mfattn.blockwise_adamw(1e-2)
         state = opt.init(model.params)
@@ -129,7 +133,7 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
             jax.block_until_ready(box["m"])
 
         ts = _time(run, repeats)
-        label = f"mfattn ({'dense' if cfg['chunk'] is None else 'chunk ' + str(cfg['chunk'])}"
+        label = "mfattn (" + {-1: "default", 0: "dense"}.get(chunk, f"chunk {chunk}")
         label += f", {devices} devices)" if devices > 1 else ")"
     return {
         "label": label,

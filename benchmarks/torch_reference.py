@@ -1,7 +1,7 @@
 """PyTorch references of what mfattn computes, for the speed benchmark
 (`benchmarks/speed.py`). Optional: `pip install -e ".[bench]"`.
 
-- `TorchStep`: one training step of the discrete transformer (SPEC 3-5) as a
+- `TorchStep`: one training step of the discrete transformer (docs/theory.md, sections 3-5) as a
   researcher would write it in eager PyTorch: `L` residual layers of `H`-head
   attention with `torch.nn.functional.scaled_dot_product_attention` (the fused
   CPU kernel), the denoising loss, `backward()`, and blockwise AdamW written

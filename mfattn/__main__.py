@@ -1,8 +1,9 @@
 """`python -m mfattn` (or `mfattn`): the main job on its built-in default.
 
-    mfattn                    # the scaling study's --quick preset (< 5 min),
-                              # results in results/scaling_quick.{json,png}
-    mfattn scaling [--quick] [--out FILE]   # the study (full preset without --quick)
+    mfattn                    # the convergence study's --quick preset (minutes),
+                              # results in results/scaling_quick.json and PNGs
+    mfattn scaling [--quick | --medium] [--out FILE]   # the study (full preset
+                              # without a flag; see mfattn/studies/scaling.py)
     mfattn train [options]    # train one transformer (below)
 
 `mfattn train` trains a small discrete transformer (L=8 layers, H=8 heads, d=4, k=4) with
@@ -31,7 +32,7 @@ def main(argv=None):
         argv = argv[1:]
     elif not argv or argv[0].startswith("-"):  # the default: the quick study
         argv = ["--quick", "--out", "results/scaling_quick.json"] + argv
-    from .scaling import main as scaling_main
+    from .studies.scaling import main as scaling_main
 
     scaling_main(argv)
     return 0

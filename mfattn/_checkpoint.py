@@ -37,6 +37,19 @@ def _rewrap_keys(tree, like):
     )
 
 
+def nonfinite_leaves(tree, name: str = "state") -> list[str]:
+    """The paths (e.g. `state.model.params.Q`) of the floating leaves of `tree`
+    that hold a NaN or an infinity."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_key(leaf):
+            continue
+        a = np.asarray(leaf) if hasattr(leaf, "dtype") or isinstance(leaf, float) else None
+        if a is not None and np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+            bad.append(name + jax.tree_util.keystr(path))
+    return bad
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -50,17 +63,34 @@ def _atomic_write(path: pathlib.Path, data: bytes):
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory, step: int, state, history: dict | None = None, keep: int = 2):
+def save_checkpoint(
+    directory,
+    step: int,
+    state,
+    history: dict | None = None,
+    keep: int = 2,
+    *,
+    allow_nonfinite: bool = False,
+):
     """Write `state` (any pytree, e.g. parameters, optimiser state, step and
     key) and a `history` of numpy arrays as checkpoint number `step`.
 
     Each file is written to a temporary name and renamed; the manifest
     (`ckpt-STEP.json`, holding the SHA-256 of the other two files) is written
     last, so a checkpoint exists only once complete. Older checkpoints beyond
-    the last `keep` are removed.
+    the last `keep` are removed only after the new one is complete.
 
     **Returns:** the manifest path.
+
+    **Raises:** `ValueError` naming the leaf if `state` holds a NaN or an
+    infinity (nothing is written, nothing removed), unless `allow_nonfinite`.
     """
+    if not allow_nonfinite:
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise ValueError(
+                f"refusing to write checkpoint {step}: non-finite values in {', '.join(bad)}"
+            )
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"{_PREFIX}{step:08d}"
@@ -94,13 +124,14 @@ def list_checkpoints(directory) -> list[pathlib.Path]:
     return sorted(directory.glob(f"{_PREFIX}*.json"))
 
 
-def load_checkpoint(path, like):
+def load_checkpoint(path, like, *, allow_nonfinite: bool = False):
     """Load the checkpoint whose manifest is `path` into the structure of `like`.
 
     **Returns:** `(step, state, history)`.
 
     **Raises:** [`mfattn.CheckpointError`][] naming the file if anything is
-    missing, truncated, corrupted (checksum mismatch) or does not match `like`.
+    missing, truncated, corrupted (checksum mismatch), does not match `like`,
+    or (unless `allow_nonfinite`) holds a NaN or an infinity.
     """
     path = pathlib.Path(path)
     try:
@@ -126,17 +157,24 @@ def load_checkpoint(path, like):
         raise CheckpointError(
             f"checkpoint {state_path} does not match the model/optimiser structure: {e}"
         ) from e
+    if not allow_nonfinite:
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {state_path} holds non-finite values in {', '.join(bad)}"
+            )
     with np.load(io.BytesIO(hist_bytes)) as data:
         history = {k: data[k] for k in data.files}
     return manifest["step"], state, history
 
 
-def load_latest(directory, like):
+def load_latest(directory, like, *, allow_nonfinite: bool = False):
     """The newest valid checkpoint in `directory`, or `None` if there is none.
-    A corrupted newer checkpoint is skipped with a warning naming it."""
+    A corrupted (or, unless `allow_nonfinite`, non-finite) newer checkpoint is
+    skipped with a warning naming it."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return load_checkpoint(path, like)
+            return load_checkpoint(path, like, allow_nonfinite=allow_nonfinite)
         except CheckpointError as e:
             warnings.warn(f"skipping bad checkpoint: {e}", stacklevel=2)
     return None

@@ -1,18 +1,217 @@
-"""Private input checks shared by the public API.
+"""Input checks shared by the public API, and the switch for value checks.
 
-Shape and dtype problems raise at trace time, naming the argument. Value checks
-(signs, normalisation) raise immediately on concrete arrays and go through
-`eqx.error_if` when the value is only known inside a trace.
+Shape and dtype problems always raise at trace time, naming the argument.
+Value checks (finite entries, signs, normalisation) raise immediately on
+concrete arrays and go through `eqx.error_if` when the value is only known
+inside a trace; [`mfattn.set_checks`][] turns the checks of array values off.
+What is checked, and what a crash costs, is in the README ("Checks and
+crashes").
 """
 
+import os
+import warnings
+from typing import TypeVar
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import PyTree
+
+_T = TypeVar("_T")
+_ENV = "MFATTN_CHECKS"
+_FALSE = ("0", "false", "off", "no")
+_TRUE = ("1", "true", "on", "yes", "")
+
+
+def _from_env(value: str | None) -> bool:
+    """The default of the switch from the value of `MFATTN_CHECKS` (unset: on)."""
+    if value is None:
+        return True
+    v = value.strip().lower()
+    if v in _FALSE:
+        return False
+    if v not in _TRUE:
+        warnings.warn(
+            f"{_ENV}={value!r} is not one of 0/1, false/true, off/on, no/yes; value checks stay on",
+            stacklevel=2,
+        )
+    return True
+
+
+_enabled = _from_env(os.environ.get(_ENV))
+
+
+def checks_enabled() -> bool:
+    """Whether mfattn checks the values of array arguments (see [`mfattn.set_checks`][])."""
+    return _enabled
+
+
+def _set(enabled: bool):
+    global _enabled
+    if enabled != _enabled:
+        _enabled = enabled
+        # the switch is read when a function is traced: compiled functions
+        # must be traced again to see the new value
+        jax.clear_caches()
+
+
+class _ChecksSetting:
+    """What [`mfattn.set_checks`][] returns: the switch is already set; used as a
+    context manager, the previous value comes back on exit."""
+
+    def __init__(self, previous: bool):
+        self.previous = previous
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        _set(self.previous)
+        return False
+
+    def __repr__(self):
+        return f"set_checks({_enabled})"
+
+
+def set_checks(enabled: bool) -> _ChecksSetting:
+    """Turn mfattn's checks of array values on or off.
+
+    With checks on (the default), every array that enters mfattn (token points
+    and weights, parameters, test points, labels and targets of the losses, a
+    traced `beta`) is checked for NaN and infinities, and weights for sign and
+    normalisation: a bad value raises a `ValueError` naming the argument (a
+    leaf of a pytree by its path, e.g. `params.Q`) at trace time, or, inside
+    jitted code, a runtime error with the same message
+    (`equinox.EquinoxRuntimeError` under `eqx.filter_jit`, as in mfattn's solvers). Checks
+    of types, shapes, dtypes and Python numbers are always on.
+
+    `set_checks(False)` is for production runs that have measured a cost; the
+    environment variable `MFATTN_CHECKS=0` sets the default before import.
+    The switch is read when a function is traced, so changing it clears JAX's
+    compilation caches (every jitted function is compiled again on its next
+    call). [`mfattn.train`][]'s per-step divergence check is not affected.
+
+    **Arguments:** `enabled`, a bool.
+
+    **Returns:** an object that also works as a context manager restoring the
+    previous value on exit: `with mfattn.set_checks(False): ...`.
+    """
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"`enabled` must be a bool, got {enabled!r}")
+    previous = _enabled
+    _set(bool(enabled))
+    return _ChecksSetting(previous)
 
 
 def is_concrete(x) -> bool:
     """Whether `x` has a value at trace time (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def _is_inexact(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, (float, complex)) and not isinstance(x, bool)
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _describe(leaf) -> str:
+    """`3 NaN and 1 inf (first at index (0, 2))` for a concrete array."""
+    with jax.ensure_compile_time_eval():
+        a = jnp.asarray(leaf)
+        num_nan = int(jnp.sum(jnp.isnan(a)))
+        num_inf = int(jnp.sum(jnp.isinf(a)))
+        first = int(jnp.argmax(~jnp.isfinite(a).ravel())) if a.ndim else 0
+    parts = [f"{num_nan} NaN"] if num_nan else []
+    parts += [f"{num_inf} inf"] if num_inf else []
+    if a.ndim == 0:
+        return " and ".join(parts)
+    index = tuple(int(i) for i in np.unravel_index(first, a.shape))
+    return " and ".join(parts) + f" (first at index {index})"
+
+
+def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
+    """Check that every floating entry of `x` (an array or any pytree of arrays)
+    is finite, and return `x`.
+
+    Concrete values are checked at once; traced values (inside `jax.jit`,
+    `jax.vmap`, `lax.scan`, ...) through `eqx.error_if`, which only fires if
+    its result is used: write `x = check_finite(x, "x")`. Integer and
+    boolean leaves, and non-array leaves, are skipped. Does nothing when
+    checks are off ([`mfattn.set_checks`][]). Inside jit it costs two
+    reductions per leaf (any NaN, any inf) and one conditional for the whole
+    pytree.
+
+    **Arguments:**
+
+    - `x`: an array or a pytree (e.g. an [`mfattn.AttentionParams`][]).
+    - `name`: the argument's name for the message; a leaf of a pytree is
+      named by its path, e.g. `params.Q` for `check_finite(params, "params")`.
+
+    **Returns:** `x`, unchanged (for traced leaves, the `eqx.error_if` output).
+
+    **Raises:** `ValueError` for a concrete non-finite entry, naming the leaf
+    and counting NaN and inf; for a traced one, `equinox.EquinoxRuntimeError`
+    at run time with the message "`NAME` contains NaN" (or "inf").
+    """
+    if not _enabled:
+        return x
+    return _check_named({name: x})[name]
+
+
+def check_finite_args(**named):
+    """[`mfattn.check_finite`][] on several arguments with one runtime check (one
+    `eqx.error_if`, so one conditional in the compiled program):
+    `params, z = check_finite_args(params=params, test_points=z)`. `None`
+    arguments are skipped. Returns the values in the order given (a tuple, or
+    the value itself for one argument)."""
+    if not _enabled:
+        out = tuple(named.values())
+    else:
+        checked = _check_named(named)
+        out = tuple(checked[k] for k in named)
+    return out[0] if len(out) == 1 else out
+
+
+def _check_named(named: dict) -> dict:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(named)
+    traced = []
+    for i, (path, leaf) in enumerate(leaves):
+        if not _is_inexact(leaf):
+            continue
+        # the first key is the argument's name: `params` + `.Q`
+        leaf_name = path[0].key + jax.tree_util.keystr(path[1:])
+        if is_concrete(leaf):
+            if isinstance(leaf, (np.ndarray, np.generic, float, complex)):
+                ok = bool(np.all(np.isfinite(leaf)))  # on the host: no transfer
+            else:
+                with jax.ensure_compile_time_eval():
+                    ok = bool(jnp.all(jnp.isfinite(leaf)))
+            if not ok:
+                raise ValueError(
+                    f"`{leaf_name}` has non-finite values: {_describe(leaf)}; mfattn "
+                    "needs finite inputs"
+                )
+        else:
+            traced.append((i, leaf_name))
+    if not traced:
+        return named
+    arrays = [leaves[i][1] for i, _ in traced]
+    nan = jnp.stack([jnp.any(jnp.isnan(a)) for a in arrays])
+    inf = jnp.stack([jnp.any(jnp.isinf(a)) for a in arrays])
+    bad = nan | inf
+    first = jnp.argmax(bad)
+    # message 2k: leaf k holds a NaN; 2k + 1: leaf k holds an inf (and no NaN)
+    index = 2 * first + jnp.where(nan[first], 0, 1)
+    messages = []
+    for _, leaf_name in traced:
+        messages += [f"`{leaf_name}` contains NaN", f"`{leaf_name}` contains inf"]
+    arrays = eqx.branched_error_if(arrays, jnp.any(bad), index, messages)
+    new_leaves = [leaf for _, leaf in leaves]
+    for (i, _), a in zip(traced, arrays):
+        new_leaves[i] = a
+    return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
 def as_float_array(x, name: str, ndim: int | tuple[int, ...] | None = None):
@@ -42,17 +241,51 @@ def as_float_array(x, name: str, ndim: int | tuple[int, ...] | None = None):
     return x
 
 
+def check_positive(value, name: str):
+    """A positive finite scalar (e.g. `beta`, a bandwidth), checked at once when
+    concrete (always, whatever [`mfattn.set_checks`][] says: it costs nothing)
+    and through `eqx.error_if` when traced (only with checks on). Returns the
+    value, which callers must use."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a positive number, got {value!r}")
+    if is_concrete(value):
+        with jax.ensure_compile_time_eval():
+            arr = np.asarray(value)
+        if arr.shape != ():
+            raise ValueError(f"`{name}` must be a scalar, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise TypeError(f"`{name}` must be a positive real number, got {value!r}")
+        if not np.isfinite(arr) or arr <= 0:
+            raise ValueError(f"`{name}` must be a positive finite number, got {arr}")
+        return value
+    if jnp.shape(value) != ():
+        raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}")
+    if not _enabled:
+        return value
+    return eqx.branched_error_if(
+        value,
+        ~(jnp.isfinite(value) & (value > 0)),
+        jnp.where(jnp.isfinite(value), 0, 1),
+        [
+            f"`{name}` must be positive, got a value <= 0",
+            f"`{name}` must be finite, got NaN or inf",
+        ],
+    )
+
+
 def check_beta(beta, name: str = "beta"):
-    """Inverse temperature: a positive finite scalar."""
-    if isinstance(beta, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a positive number, got {beta!r}")
-    if is_concrete(beta):
-        value = np.asarray(beta)
-        if value.shape != ():
-            raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}")
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive finite number, got {value}")
-        return beta
-    if jnp.shape(beta) != ():
-        raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(beta)}")
-    return beta
+    """The inverse temperature: a positive finite scalar, also when traced
+    (then through `eqx.error_if`: use the returned value)."""
+    return check_positive(beta, name)
+
+
+def check_solve(solution, name: str):
+    """Turn a failed `diffrax.diffeqsolve` (called with `throw=False`) into an
+    error naming the solve: "NAME failed: <Diffrax's message>" (e.g. the
+    maximum number of steps was reached). Returns `solution`, which callers
+    must use. Always on: it only reads the solve's result code."""
+    result = solution.result
+    import diffrax
+
+    messages = [f"{name} failed: {m}" for m in result._enumeration._index_to_message]
+    return eqx.branched_error_if(solution, ~diffrax.is_okay(result), result._value, messages)

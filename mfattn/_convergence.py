@@ -1,13 +1,16 @@
 """Measuring the distance between a finite transformer and its mean-field limit
-(SPEC section 7), through test particles."""
+(docs/theory.md, section 7), through test particles."""
 
 import warnings
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
+from ._custom_types import ScalarLike
 from ._discrete import solve_discrete
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
@@ -26,13 +29,13 @@ def antithetic_mean_field(
     independent_nodes: bool = False,
     method: str | None = None,
 ):
-    """The mean-field initialisation (SPEC section 6) with variance reduction that
+    """The mean-field initialisation (docs/theory.md, section 6) with variance reduction that
     keeps the law `nu_0` exact.
 
     `particles / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
     Xavier-uniform is invariant under that flip, so the law is exact, the
     empirical mean of `O` is exactly zero, and so is the limit velocity at
-    initialisation (SPEC section 6): the particle approximation of the limit has
+    initialisation (docs/theory.md, section 6): the particle approximation of the limit has
     no Monte-Carlo error at `k = 0`.
 
     **Arguments:**
@@ -44,7 +47,7 @@ def antithetic_mean_field(
       from `key`: randomised quasi-Monte Carlo, still exactly `nu_0` marginally
       for every particle). `"sobol"` works best with `particles / 2` a power
       of two.
-    - `independent_nodes`: if `False` (SPEC section 6), the same draws sit at
+    - `independent_nodes`: if `False` (docs/theory.md, section 6), the same draws sit at
       every depth node. If `True`, every node gets its own draws: the law at
       every node is still exactly `nu_0`, and after training exactly
       `Phi_k(., t_j) # nu_0` in the limit `M -> oo`, but the Monte-Carlo errors
@@ -107,12 +110,12 @@ def flow_error(
     *,
     test_positions=None,
     interpolation: str = "linear",
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     max_steps: int = 4096,
     kernel=None,
 ):
-    """The theorem's error for every test particle `z` (SPEC section 7):
+    """The theorem's error for every test particle `z` (docs/theory.md, section 7):
 
         max_l |z^l - z(l/L)| + |p_z^l - p_z(l/L)|,
 
@@ -166,3 +169,76 @@ def _norm(x):
     sq = jnp.sum(x**2, axis=-1)
     pos = sq > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+class BiasFluctuation(NamedTuple):
+    """What [`mfattn.bias_fluctuation`][] returns (all in the sup over points).
+
+    - `total`: `(R,)`, each sample's error against the reference.
+    - `bias`: the error of the mean over samples against the reference.
+    - `fluctuation`: `(R,)`, each sample's distance to the mean over samples.
+    - `noise`: the largest standard error of the mean at one point
+      (`sum_c sqrt(trace Cov_c / R)`): the size of the Monte-Carlo error that
+      `bias` carries from averaging only `R` samples; a bias below about
+      twice this is not resolved.
+    """
+
+    total: Float[Array, " R"]
+    bias: Float[Array, ""]
+    fluctuation: Float[Array, " R"]
+    noise: Float[Array, ""]
+
+
+def bias_fluctuation(samples, reference) -> BiasFluctuation:
+    """Split the error of independent samples (initialisations) of a random
+    trajectory into a bias and a fluctuation (docs/theory.md, section 7).
+
+    With the error at a point `q` (a test particle, a layer, a training step)
+    `e(a, b)(q) = sum_c |a_c(q) - b_c(q)|` summed over the components `c`
+    (e.g. the state and the adjoint), and `abar` the mean over samples:
+
+        total_r     = max_q e(a_r, ref)(q)
+        bias        = max_q e(abar, ref)(q)
+        fluctuation_r = max_q e(a_r, abar)(q)
+
+    so that `total_r <= bias + fluctuation_r`. For the transformer, `a_r` is
+    the discrete model of initialisation `r` and `ref` the limit: the bias is
+    what averaging over initialisations does not remove (the Euler term, and
+    training), the fluctuation the central-limit part.
+
+    **Arguments:**
+
+    - `samples`: a tuple of components, each `(R, *points, c)` (the last axis
+      is the vector whose Euclidean norm is taken; the `points` axes are
+      maximised over).
+    - `reference`: a tuple of the same components, each `(*points, c)`.
+
+    **Returns:** a [`mfattn.BiasFluctuation`][].
+
+    **Raises:** `ValueError` when shapes disagree or `R < 2`.
+    """
+    samples, reference = tuple(samples), tuple(reference)
+    if len(samples) != len(reference) or not samples:
+        raise ValueError("`samples` and `reference` must be tuples of the same components")
+    R = samples[0].shape[0]
+    if R < 2:
+        raise ValueError(f"`samples` needs at least 2 samples on its leading axis, got {R}")
+    for a, b in zip(samples, reference):
+        if a.shape[1:] != b.shape or a.shape[0] != R:
+            raise ValueError(
+                f"each component of `samples` must be (R, *reference.shape); got {a.shape} "
+                f"against {b.shape}"
+            )
+    means = tuple(jnp.mean(a, axis=0) for a in samples)
+    axes = tuple(range(1, samples[0].ndim - 1))
+
+    def err(a, b):
+        return sum(jnp.linalg.norm(x - y, axis=-1) for x, y in zip(a, b))
+
+    total = jnp.max(err(samples, reference), axis=axes) if axes else err(samples, reference)
+    fluct = jnp.max(err(samples, means), axis=axes) if axes else err(samples, means)
+    bias = jnp.max(err(means, reference))
+    noise = jnp.max(
+        sum(jnp.sqrt(jnp.sum(jnp.var(a, axis=0, ddof=1), axis=-1) / R) for a in samples)
+    )
+    return BiasFluctuation(total, bias, fluct, noise)

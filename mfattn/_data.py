@@ -1,4 +1,4 @@
-"""Data laws with bounded support (SPEC section 4, paper Assumption 3)."""
+"""Data laws with bounded support (docs/theory.md, section 4, paper Assumption 3)."""
 
 import equinox as eqx
 import jax

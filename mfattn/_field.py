@@ -85,7 +85,8 @@ class AttentionField(eqx.Module):
 
     - `beta`: inverse temperature, a positive scalar.
     - `kernel`: the backend, an [`mfattn.AbstractAttentionKernel`][]; default
-      [`mfattn.DenseKernel`][]`()`. Causal masking is a property of the kernel
+      [`mfattn.AutoKernel`][]`()` (dense for short sequences, chunked beyond).
+      Causal masking is a property of the kernel
       (`DenseKernel(causal=True)`): token `i` attends to tokens `j <= i` in the
       order of `measure.points`.
     - `mesh`, `chunk_size`: shortcuts: `chunk_size=c` means

@@ -5,9 +5,10 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
-from ._custom_types import BetaLike
+from ._checks import check_solve
+from ._custom_types import BetaLike, ScalarLike
 from ._discrete import check_model_inputs
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
@@ -105,9 +106,10 @@ class _LimitProblem(eqx.Module):
         mesh,
     ):
         path = as_path(params, times, interpolation)
-        test_points, test_labels = check_model_inputs(
+        checked, test_points, test_labels = check_model_inputs(
             path.params, measure, loss, test_points, test_labels
         )
+        path = eqx.tree_at(lambda p: p.params, path, checked)
         dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
         measure = eqx.tree_at(
             lambda m: (m.points, m.weights),
@@ -129,9 +131,10 @@ class _LimitProblem(eqx.Module):
     def measure(self) -> EmpiricalMeasure:
         return self.vf.measure
 
-    def forward(self, saveat, adjoint=diffrax.RecursiveCheckpointAdjoint()):
-        """The forward McKean-Vlasov ODE from `t = 0` to `1`."""
-        return diffrax.diffeqsolve(
+    def forward(self, saveat, adjoint=diffrax.RecursiveCheckpointAdjoint(), name=None):
+        """The forward McKean-Vlasov ODE from `t = 0` to `1`; with a `name`, a
+        failed solve (e.g. `max_steps` reached) raises an error naming it."""
+        sol = diffrax.diffeqsolve(
             diffrax.ODETerm(self.vf),
             self.solver,
             0.0,
@@ -142,7 +145,9 @@ class _LimitProblem(eqx.Module):
             stepsize_controller=self.controller,
             adjoint=adjoint,
             max_steps=self.max_steps,
+            throw=name is None,
         )
+        return sol if name is None else check_solve(sol, name)
 
     def terminal(self, X1, Z1):
         """`Loss(mu_1)` and the terminal adjoints of the tokens and test particles."""
@@ -155,13 +160,13 @@ class _LimitProblem(eqx.Module):
             PZ1 = self.loss.lions_derivative(terminal, Z1, self.test_labels).astype(X1.dtype)
         return value, P1, PZ1
 
-    def backward(self, fwd, P1, PZ1, integrate_gradient=False):
+    def backward(self, fwd, P1, PZ1, integrate_gradient=False, name="the adjoint solve"):
         """The closed-form adjoint ODE from `t = 1` to `0` (dense output), or
         with `integrate_gradient` the node gradients accumulated as extra states."""
         y1 = (P1, PZ1)
         if integrate_gradient:
             y1 = y1 + (jax.tree.map(jnp.zeros_like, self.path.params),)
-        return diffrax.diffeqsolve(
+        sol = diffrax.diffeqsolve(
             diffrax.ODETerm(AdjointVectorField(self.vf, fwd)),
             self.solver,
             1.0,
@@ -172,7 +177,9 @@ class _LimitProblem(eqx.Module):
             saveat=diffrax.SaveAt(t1=True, dense=not integrate_gradient),
             stepsize_controller=self.controller,
             max_steps=self.max_steps,
+            throw=False,
         )
+        return check_solve(sol, name)
 
 
 _RENAMED = dict(params_grid="params")
@@ -185,7 +192,7 @@ def solve_limit(
     measure: EmpiricalMeasure,
     loss: AbstractLoss,
     beta: BetaLike,
-    test_points: Float[Array, "m d"] | None = None,
+    test_points: Float[ArrayLike, "m d"] | None = None,
     *,
     test_labels: Array | None = None,
     test_positions=None,
@@ -193,8 +200,8 @@ def solve_limit(
     times=None,
     interpolation: str = "linear",
     solver: diffrax.AbstractSolver = diffrax.Tsit5(),
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
@@ -258,10 +265,10 @@ def solve_limit(
         chunk_size=chunk_size,
         mesh=mesh,
     )
-    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), adjoint)
+    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), adjoint, "solve_limit's forward solve")
     X1, Z1 = _finite((fwd.ys[0][-1], fwd.ys[1][-1]), "solve_limit's forward solve")
     loss_value, P1, PZ1 = prob.terminal(X1, Z1)
-    bwd = prob.backward(fwd, P1, PZ1)
+    bwd = prob.backward(fwd, P1, PZ1, name="solve_limit's adjoint solve")
     path = prob.path
     nodes = path.times
     if ts is None:
@@ -311,8 +318,8 @@ def limit_gradient(
     times=None,
     interpolation: str = "linear",
     solver: diffrax.AbstractSolver = diffrax.Tsit5(),
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ScalarLike | None = None,
+    atol: ScalarLike | None = None,
     stepsize_controller=None,
     max_steps: int = 4096,
     kernel: AbstractAttentionKernel | None = None,
@@ -387,9 +394,11 @@ def limit_gradient(
 
         value, g = jax.value_and_grad(loss_of)(path.params)
         return value, jax.tree.map(lambda a: M * a / c, g)
-    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True))
+    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), name="limit_gradient's forward solve")
     X1, Z1 = _finite((fwd.ys[0][-1], fwd.ys[1][-1]), "limit_gradient's forward solve")
     value, P1, PZ1 = prob.terminal(X1, Z1)
-    bwd = prob.backward(fwd, P1, PZ1, integrate_gradient=True)
+    bwd = prob.backward(
+        fwd, P1, PZ1, integrate_gradient=True, name="limit_gradient's adjoint solve"
+    )
     integral = _finite(jax.tree.map(lambda a: a[-1], bwd.ys[2]), "limit_gradient's adjoint solve")
     return value, jax.tree.map(lambda a: a / c, integral)

@@ -1,4 +1,4 @@
-"""Losses of the terminal measure and their Lions derivatives (SPEC section 4)."""
+"""Losses of the terminal measure and their Lions derivatives (docs/theory.md, section 4)."""
 
 import abc
 
@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._checks import as_float_array
+from ._checks import as_float_array, check_finite, check_positive
 from ._measure import EmpiricalMeasure
 
 
@@ -42,12 +42,17 @@ class DenoisingLoss(AbstractLoss):
 
     **Arguments:** `targets`, the labels `y`, shape `(n, d)`, in the order of
     the measure's atoms.
+
+    **Raises:** `TypeError`/`ValueError` for a non-floating or wrongly shaped
+    `targets`, or one with a NaN or inf entry (inside a trace,
+    `equinox.EquinoxRuntimeError`); non-finite `labels` given to
+    `lions_derivative` likewise (see [`mfattn.set_checks`][]).
     """
 
     targets: Float[Array, "n d"]
 
     def __init__(self, targets):
-        self.targets = as_float_array(targets, "targets", ndim=2)
+        self.targets = check_finite(as_float_array(targets, "targets", ndim=2), "targets")
 
     def _check(self, measure):
         _check_measure(measure)
@@ -71,7 +76,7 @@ class DenoisingLoss(AbstractLoss):
                 "DenoisingLoss is supervised: pass `labels` (test_labels) for points "
                 "that are not the measure's atoms"
             )
-        return x - labels
+        return x - check_finite(labels, "labels")
 
 
 class MMDLoss(AbstractLoss):
@@ -83,7 +88,8 @@ class MMDLoss(AbstractLoss):
     against a fixed target measure `nu`: a nonlinear measure loss. Its Lions
     derivative is `2 int grad_1 k(x, y) (mu - nu)(dy)`.
 
-    **Arguments:** `target` (an [`mfattn.EmpiricalMeasure`][]) and `bandwidth > 0`.
+    **Arguments:** `target` (an [`mfattn.EmpiricalMeasure`][]) and `bandwidth > 0`
+    (finite; checked also when traced).
     """
 
     target: EmpiricalMeasure
@@ -91,10 +97,8 @@ class MMDLoss(AbstractLoss):
 
     def __init__(self, target, bandwidth=1.0):
         _check_measure(target)
-        if isinstance(bandwidth, (int, float)) and bandwidth <= 0:
-            raise ValueError(f"`bandwidth` must be positive, got {bandwidth}")
         self.target = target
-        self.bandwidth = bandwidth
+        self.bandwidth = check_positive(bandwidth, "bandwidth")
 
     def _kernel(self, x, y):
         d2 = jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)

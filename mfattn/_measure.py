@@ -1,11 +1,11 @@
-"""Empirical measures: weighted token sets (SPEC, notation)."""
+"""Empirical measures: weighted token sets (docs/theory.md, notation)."""
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._checks import as_float_array, is_concrete
+from ._checks import as_float_array, check_finite, checks_enabled, is_concrete
 
 
 class EmpiricalMeasure(eqx.Module):
@@ -25,9 +25,11 @@ class EmpiricalMeasure(eqx.Module):
     **Raises:**
 
     `TypeError` for a non-floating `points`/`weights`; `ValueError` for a wrong
-    shape, an empty token set, negative weights, or weights not summing to one
-    (relative tolerance `1e-6` in float64, `1e-4` in float32). Inside a trace
-    the value checks become `eqx.error_if` runtime checks.
+    shape, an empty token set, a NaN or infinite point or weight, negative
+    weights, or weights not summing to one (relative tolerance `1e-6` in
+    float64, `1e-4` in float32). Inside a trace the value checks become
+    `eqx.error_if` runtime checks (`equinox.EquinoxRuntimeError` with the same
+    message); [`mfattn.set_checks`][]`(False)` turns the value checks off.
     """
 
     points: Float[Array, "n d"]
@@ -40,6 +42,7 @@ class EmpiricalMeasure(eqx.Module):
             raise ValueError("`points` is an empty token set (n = 0); need n >= 1")
         if points.shape[1] == 0:
             raise ValueError("`points` has dimension d = 0")
+        points = check_finite(points, "points")
         if weights is None:
             weights = jnp.full((n,), 1.0 / n, dtype=points.dtype)
         else:
@@ -49,22 +52,7 @@ class EmpiricalMeasure(eqx.Module):
                     f"`weights` has length {weights.shape[0]} but `points` has {n} atoms"
                 )
             weights = weights.astype(points.dtype)
-            tol = 1e-4 if weights.dtype == jnp.float32 else 1e-6
-            if is_concrete(weights):
-                w = np.asarray(weights)
-                if np.any(w < 0) or not np.all(np.isfinite(w)):
-                    raise ValueError("`weights` must be finite and non-negative")
-                if abs(float(w.sum()) - 1.0) > tol:
-                    raise ValueError(
-                        f"`weights` must sum to 1, got {float(w.sum())!r}; pass "
-                        "`weights / weights.sum()` to normalise"
-                    )
-            else:
-                weights = eqx.error_if(
-                    weights,
-                    jnp.any(weights < 0) | (jnp.abs(jnp.sum(weights) - 1) > tol),
-                    "`weights` must be non-negative and sum to 1",
-                )
+            weights = _check_weights(check_finite(weights, "weights"))
         self.points = points
         self.weights = weights
 
@@ -86,3 +74,25 @@ class EmpiricalMeasure(eqx.Module):
     def mean(self) -> Float[Array, " d"]:
         """`int x mu(dx)`."""
         return jnp.einsum("...n,...nd->...d", self.weights, self.points)
+
+
+def _check_weights(weights):
+    """Non-negative weights summing to one (value checks: skipped with checks off)."""
+    if not checks_enabled():
+        return weights
+    tol = 1e-4 if weights.dtype == jnp.float32 else 1e-6
+    if is_concrete(weights):
+        w = np.asarray(weights)
+        if np.any(w < 0):
+            raise ValueError("`weights` must be non-negative")
+        if abs(float(w.sum()) - 1.0) > tol:
+            raise ValueError(
+                f"`weights` must sum to 1, got {float(w.sum())!r}; pass "
+                "`weights / weights.sum()` to normalise"
+            )
+        return weights
+    return eqx.error_if(
+        weights,
+        jnp.any(weights < 0) | (jnp.abs(jnp.sum(weights) - 1) > tol),
+        "`weights` must be non-negative and sum to 1",
+    )

@@ -1,4 +1,4 @@
-"""Blockwise AdamW (SPEC section 5, the paper's Algorithm 1 with map phi)."""
+"""Blockwise AdamW (docs/theory.md, section 5, the paper's Algorithm 1 with map phi)."""
 
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 
 class ScaleByBlockwiseAdamState(NamedTuple):
@@ -54,7 +53,7 @@ def scale_by_blockwise_adam(
     reduction: str = "sum",
     block_axes: Sequence[int] = (-2, -1),
 ) -> optax.GradientTransformation:
-    """Rescale updates by blockwise Adam (SPEC section 5, paper eq. 26).
+    """Rescale updates by blockwise Adam (docs/theory.md, section 5, paper eq. 26).
 
         m_k = b1 m_{k-1} + (1 - b1) g_k
         v_k = b2 v_{k-1} + (1 - b2) phi(g_k)          (one scalar per block)
@@ -96,7 +95,7 @@ def scale_by_blockwise_adam(
             updates,
             state.nu,
         )
-        count_inc = numerics.safe_increment(state.count)
+        count_inc = optax.safe_increment(state.count)
         mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
         nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
         updates = jax.tree.map(

@@ -18,17 +18,23 @@ class AttentionParams(eqx.Module):
     measure `nu^l = (1/H) sum_h delta_{theta_{l,h}}`) are the same module with
     leaves of shape `(H, d, k)`: see [`mfattn.AttentionParams.layer`][].
 
-    Gradients of the loss (the gradient map of SPEC section 4) are returned as
+    Gradients of the loss (the gradient map of docs/theory.md, section 4) are returned as
     an `AttentionParams` of the same shape.
 
     **Raises:** `ValueError` if the four fields do not share one shape with 3 or
     4 axes; `TypeError` for a non-floating dtype.
+
+    Values are not checked here (gradient maps are `AttentionParams` too, built
+    inside the solvers); the solvers and [`mfattn.train`][] check the
+    parameters they are given with [`mfattn.check_finite`][], naming the
+    field (`params.Q`, ...).
     """
 
-    Q: Float[Array, "*LH d k"]
-    K: Float[Array, "*LH d k"]
-    V: Float[Array, "*LH d k"]
-    O: Float[Array, "*LH d k"]
+    # anonymous dims: the shapes are compared by __init__, with an error naming the field
+    Q: Float[Array, "... _ _"]
+    K: Float[Array, "... _ _"]
+    V: Float[Array, "... _ _"]
+    O: Float[Array, "... _ _"]
 
     def __check_init__(self):
         shapes = {}
@@ -102,7 +108,7 @@ class AttentionParams(eqx.Module):
         head_dim: int,
         dtype=None,
     ) -> "AttentionParams":
-        """Draw `theta_{l,h}` i.i.d. from `nu_0` (SPEC section 3): every entry of
+        """Draw `theta_{l,h}` i.i.d. from `nu_0` (docs/theory.md, section 3): every entry of
         every matrix independently `U(-a, a)`, `a = sqrt(6 / (d + k))`.
 
         **Arguments:** `key`, `depth` (`L`), `heads` (`H`), `dim` (`d`),
@@ -126,7 +132,7 @@ class AttentionParams(eqx.Module):
         head_dim: int,
         dtype=None,
     ) -> "AttentionParams":
-        """The mean-field initialisation of SPEC section 6: `M = particles` draws
+        """The mean-field initialisation of docs/theory.md, section 6: `M = particles` draws
         `theta_0^m ~ nu_0` (Xavier-uniform), made once and repeated at each of
         `num_nodes` depth-grid nodes, so that `nu_t = nu_0` for every `t`."""
         _check_sizes(num_nodes=num_nodes)

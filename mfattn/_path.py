@@ -1,4 +1,4 @@
-"""Parameter particles on a depth grid, interpolated in time (SPEC section 6)."""
+"""Parameter particles on a depth grid, interpolated in time (docs/theory.md, section 6)."""
 
 import equinox as eqx
 import jax

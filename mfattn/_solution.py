@@ -3,6 +3,7 @@
 import equinox as eqx
 from jaxtyping import Array, Float
 
+from ._mlp import MLPParams
 from ._params import AttentionParams
 
 
@@ -16,7 +17,7 @@ class Solution(eqx.Module):
     - `ts`: times of the saved states, `(S,)`; `l / L` for the discrete model,
       the depth-grid nodes (or requested times) for the limit.
     - `xs`: token states `(S, n, d)`; `xs[l]` is `x^l` (discrete) or `x(t_l)`.
-    - `ps`: rescaled adjoints `p = (1/w) dLoss/dx`, `(S, n, d)` (SPEC section 4).
+    - `ps`: rescaled adjoints `p = (1/w) dLoss/dx`, `(S, n, d)` (docs/theory.md, section 4).
     - `grads`: the gradient map as an [`mfattn.AttentionParams`][] shaped like the
       parameters; for the discrete model `L * H * dLoss/dtheta_{l,h}`, for the
       limit `g(theta^m(t_j), t_j)` at every grid node.
@@ -24,6 +25,9 @@ class Solution(eqx.Module):
     - `test_xs`, `test_ps`: states and adjoints of test particles `(S, m, d)`,
       or `None` when no test points were given.
     - `stats`: solver statistics (the limit: Diffrax's step counts), else `{}`.
+    - `mlp_grads`: for a discrete model with MLP blocks, their gradient map
+      `g(phi_l) = sum_i w_i grad_phi F(x_i^l; phi_l)^T p_i^{l+1}` as an
+      [`mfattn.MLPParams`][] shaped like the blocks; else `None`.
     """
 
     ts: Float[Array, " S"]
@@ -34,3 +38,4 @@ class Solution(eqx.Module):
     test_xs: Float[Array, "S m d"] | None = None
     test_ps: Float[Array, "S m d"] | None = None
     stats: dict = eqx.field(default_factory=dict)
+    mlp_grads: MLPParams | None = None

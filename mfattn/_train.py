@@ -11,7 +11,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from ._checkpoint import load_latest, save_checkpoint
+from ._checkpoint import list_checkpoints, load_latest, save_checkpoint
+from ._checks import check_finite
 from ._model import AbstractModel
 from ._params import AttentionParams
 
@@ -24,6 +25,35 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
     key: jax.Array
+
+
+class DivergenceError(RuntimeError):
+    """A training run produced a non-finite loss, gradient norm or parameter.
+
+    Raised by [`mfattn.train`][] at the end of the chunk where it happened;
+    nothing of that chunk is written to the checkpoints.
+
+    **Attributes:**
+
+    - `step`: the optimiser step that went non-finite, counted from 1 like the
+      checkpoints (`history["loss"][step - 1]` is its loss).
+    - `what`: the names of what went non-finite at that step, among `"loss"`,
+      `"gradient norm"` (of the batch-mean gradient map) and the parameter
+      fields after the update (`"params.Q"`, ...).
+    - `state`: the last finite [`mfattn.TrainState`][] (after step `step - 1`).
+    - `history`: the history (as in [`mfattn.TrainResult`][]) up to and
+      including step `step`.
+    - `checkpoint`: the newest checkpoint left in `checkpoint_dir` (its
+      manifest path), from which a rerun resumes, or `None`.
+    """
+
+    def __init__(self, message, *, step, what, state, history, checkpoint):
+        super().__init__(message)
+        self.step = step
+        self.what = what
+        self.state = state
+        self.history = history
+        self.checkpoint = checkpoint
 
 
 class TrainResult(NamedTuple):
@@ -64,30 +94,53 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
+def _check_names(params) -> tuple[str, ...]:
+    """What the per-step check looks at, in the order of its flags."""
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    return ("loss", "gradient norm") + tuple(
+        "params" + jax.tree_util.keystr(path) for path, _ in paths
+    )
+
+
+def _nonfinite_flags(loss, grad_norm, params):
+    flags = [~jnp.isfinite(loss), ~jnp.isfinite(grad_norm)]
+    flags += [~jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]
+    return jnp.stack(flags)
+
+
 def _make_chunk(sampler, optimizer, batch_size, num, record):
     def one_step(carry, _):
-        model, opt_state, step, key = carry
+        state, first_bad, what = carry
+        model, opt_state, step, key = state
         key, sub = jax.random.split(key)
         measures, losses = sampler(sub, batch_size)
         sols = batch_solve(model, measures, losses)
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), sols.grads)
         updates, opt_state = optimizer.update(grads, opt_state, model.params)
         params = optax.apply_updates(model.params, updates)
-        model = model.with_params(params)
         metrics = {
             "loss": jnp.mean(sols.loss),
             "grad_norm": _global_norm(grads),
             "param_norm": _global_norm(params),
             "max_block_norm": jnp.max(params.block_norms()),
         }
+        # the divergence check: one flag per checked quantity; from the first
+        # bad step on, the state stays the last finite one (the host raises)
+        flags = _nonfinite_flags(metrics["loss"], metrics["grad_norm"], params)
+        new_bad = (first_bad < 0) & jnp.any(flags)
+        first_bad = jnp.where(new_bad, step, first_bad)
+        what = jnp.where(new_bad, flags, what)
+        new_state = (model.with_params(params), opt_state, step + 1, key)
+        state = jax.tree.map(lambda new, old: jnp.where(first_bad < 0, new, old), new_state, state)
         out = (metrics, params if record else None)
-        return (model, opt_state, step + 1, key), out
+        return (state, first_bad, what), out
 
     @eqx.filter_jit
     def chunk(model, opt_state, step, key):
-        carry, (metrics, traj) = lax.scan(one_step, (model, opt_state, step, key), None, num)
-        model = carry[0]
-        return carry, metrics, traj, model.params.block_norms()
+        flags = jnp.zeros(len(_check_names(model.params)), bool)
+        init = ((model, opt_state, step, key), jnp.asarray(-1, step.dtype), flags)
+        (state, first_bad, what), (metrics, traj) = lax.scan(one_step, init, None, num)
+        return state, metrics, traj, state[0].params.block_norms(), (first_bad, what)
 
     return chunk
 
@@ -114,7 +167,7 @@ def train(
     Every step draws a batch from `sampler(key, batch_size)` (e.g. a
     [`mfattn.DenoisingTask`][]), solves the model on each sample (forward,
     closed-form adjoint, gradient map), averages the gradient map over the batch
-    (SPEC section 4) and applies `optimizer` (e.g. `optax.adamw` or
+    (docs/theory.md, section 4) and applies `optimizer` (e.g. `optax.adamw` or
     [`mfattn.blockwise_adamw`][]). `steps_per_call` steps run inside one jitted
     `lax.scan`, so the host is not in the loop; a progress bar follows the run.
 
@@ -135,7 +188,23 @@ def train(
     - `record_params`: also return the parameters after every step.
     - `state`: continue from a [`mfattn.TrainState`][] (overrides `model`/`key`).
 
+    Every step checks, inside the jitted chunk, that the batch loss, the
+    gradient norm and every parameter field after the update are finite; the
+    first step that is not, and what went non-finite, are sent to the host with
+    the chunk's metrics. Then `train` stops without writing that chunk to the
+    checkpoints, so the newest checkpoint is the last finite one, and a rerun
+    with a smaller learning rate and the same `checkpoint_dir` resumes from it
+    (checkpoints are written atomically and verified on load; a non-finite or
+    corrupted one is skipped with a warning).
+
     **Returns:** a [`mfattn.TrainResult`][].
+
+    **Raises:** [`mfattn.DivergenceError`][] naming the step and what went
+    non-finite (it carries the last finite state and the history);
+    `ValueError` for non-finite initial parameters. A runtime check that fires
+    inside a chunk (a limit solve that fails, a sampler that draws a NaN) is
+    raised as it is, with a note naming the chunk's steps; that chunk is not
+    written to the checkpoints either.
     """
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
@@ -144,7 +213,10 @@ def train(
     if steps_per_call < 1:
         raise ValueError("`steps_per_call` must be >= 1")
     if state is None:
+        check_finite(model.params, "model.params")
         state = TrainState(model, optimizer.init(model.params), jnp.asarray(0, jnp.int32), key)
+    else:
+        check_finite(state.model.params, "state.model.params")
     history: dict[str, list] = {
         k: []
         for k in ("loss", "grad_norm", "param_norm", "max_block_norm", "chunk_step", "block_norms")
@@ -180,9 +252,29 @@ def train(
         num = min(steps_per_call - step % steps_per_call, num_steps - step)
         if num not in chunks:
             chunks[num] = _make_chunk(sampler, optimizer, batch_size, num, record_params)
-        carry, metrics, traj, block_norms = chunks[num](*state)
+        try:
+            carry, metrics, traj, block_norms, (first_bad, what) = chunks[num](*state)
+        except RuntimeError as e:  # a runtime check inside the chunk (e.g. a failed solve)
+            if bar is not None:
+                bar.close()
+            _add_note(e, _chunk_note(step, num, checkpoint_dir))
+            raise
+        metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
+        if first_bad >= 0:
+            if bar is not None:
+                bar.close()
+            kept = int(first_bad) - step + 1  # the steps up to the bad one
+            for k, v in metrics.items():
+                history[k].extend(np.asarray(v)[:kept].tolist())
+            _raise_divergence(
+                int(first_bad) + 1,
+                [n for n, f in zip(_check_names(state.model.params), what) if f],
+                TrainState(*carry),
+                _history_arrays(history),
+                checkpoint_dir,
+                num_steps,
+            )
         state = TrainState(*carry)
-        metrics = jax.device_get(metrics)
         for k, v in metrics.items():
             history[k].extend(np.asarray(v).tolist())
         step += num
@@ -209,6 +301,50 @@ def train(
     if record_params:
         traj_out = _concat(trajectory)
     return TrainResult(state.model, state, _history_arrays(history), traj_out)
+
+
+def _newest_checkpoint(checkpoint_dir):
+    if checkpoint_dir is None:
+        return None
+    manifests = list_checkpoints(checkpoint_dir)
+    return manifests[-1] if manifests else None
+
+
+def _chunk_note(step, num, checkpoint_dir):
+    checkpoint = _newest_checkpoint(checkpoint_dir)
+    kept = "" if checkpoint is None else f"; the newest checkpoint, {checkpoint}, is kept"
+    return (
+        f"mfattn.train: raised while running steps {step + 1}-{step + num}; nothing of "
+        f"these steps was written to the checkpoints{kept}"
+    )
+
+
+def _add_note(error, note):
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+
+
+def _raise_divergence(step, what, state, history, checkpoint_dir, num_steps):
+    checkpoint = _newest_checkpoint(checkpoint_dir)
+    if checkpoint is not None:
+        advice = (
+            f"The last checkpoint, {checkpoint.name} in {checkpoint.parent}, is finite and "
+            "was kept: rerun `train` with the same `checkpoint_dir` and a smaller "
+            "learning rate to resume from it."
+        )
+    elif checkpoint_dir is not None:
+        advice = f"No checkpoint had been written to {checkpoint_dir} yet."
+    else:
+        advice = "No `checkpoint_dir` was given."
+    raise DivergenceError(
+        f"training diverged at step {step} of {num_steps}: non-finite {', '.join(what)}. "
+        f"{advice} The error's `state` holds the last finite state (after step {step - 1}).",
+        step=step,
+        what=tuple(what),
+        state=state,
+        history=history,
+        checkpoint=checkpoint,
+    )
 
 
 def _concat(trajectory):

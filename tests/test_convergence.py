@@ -1,4 +1,4 @@
-"""Antithetic mean-field initialisation and the flow error of SPEC section 7."""
+"""Antithetic mean-field initialisation and the flow error of docs/theory.md, section 7."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Closed forms of SPEC section 1 against autodiff (float64)."""
+"""Closed forms of docs/theory.md, section 1 against autodiff (float64)."""
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,7 @@ def test_param_grad_matches_grad(getkey, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_backward_bracket_matches_literal_formula(getkey, case):
-    """The fused head-space contraction equals the literal SPEC sum of
+    """The fused head-space contraction equals the literal sum (docs/theory.md) of
     grad_x Gamma^T p_i + sum_j w_j d_mu Gamma(x_j)(x_i)^T p_j."""
     field, measure, layer, _ = _setup(getkey(), *case)
     p = jax.random.normal(getkey(), measure.points.shape)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mfattn.scaling import combined_fit, slope_fit
+from mfattn import combined_fit, slope_fit
 
 
 def test_slope_fit_recovers_a_power_law():
@@ -25,3 +25,39 @@ def test_combined_fit_recovers_the_exponents():
     assert fit["alpha_ci95"][0] <= fit["alpha"] <= fit["alpha_ci95"][1]
     # the fixed-exponent fits are worse on data that do not follow them
     assert fit["rms_log_residual"] < fit["theorem_fixed"]["rms_log_residual"]
+
+
+def test_old_scaling_module_still_works():
+    import importlib
+    import sys
+
+    import pytest
+
+    import mfattn
+
+    sys.modules.pop("mfattn.scaling", None)
+    with pytest.warns(DeprecationWarning, match="mfattn.studies.scaling"):
+        old = importlib.import_module("mfattn.scaling")
+    assert old.slope_fit is mfattn.slope_fit and old.combined_fit is mfattn.combined_fit
+    assert callable(old.run) and callable(old.main) and "quick" in old.PRESETS
+
+
+def test_library_does_not_import_the_studies():
+    import subprocess
+    import sys
+
+    code = "import sys, mfattn; print(any(m.startswith('mfattn.studies') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_combined_fit_jackknife_intervals():
+    rng = np.random.default_rng(2)
+    Ls, Hs = np.meshgrid([2, 4, 8, 16], [4, 16, 64], indexing="ij")
+    Ls, Hs = Ls.ravel(), Hs.ravel()
+    true = 0.3 / Ls + 2.0 * Ls**-0.5 * Hs**-0.5
+    per = true[:, None] * np.exp(0.02 * rng.standard_normal((Ls.size, 6)))
+    fit = combined_fit(Ls, Hs, per, interval="jackknife")
+    assert fit["interval"] == "jackknife"
+    assert fit["alpha_ci95"][0] < 0.5 < fit["alpha_ci95"][1]
+    assert fit["gamma_ci95"][0] < 0.5 < fit["gamma_ci95"][1]

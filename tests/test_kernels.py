@@ -235,3 +235,16 @@ def test_causal_kernel_needs_positions(getkey):
     q = jax.random.normal(getkey(), (2, 3, 2))
     with pytest.raises(ValueError, match="positions"):
         mfattn.DenseKernel(causal=True).forward(q, q, q, jnp.ones(3) / 3, 1.0)
+
+
+def test_auto_kernel_is_dense_then_chunked(getkey):
+    auto = mfattn.AutoKernel()
+    assert auto.choose(128) == mfattn.DenseKernel()
+    assert auto.choose(129) == mfattn.ChunkedKernel(128)
+    assert mfattn.AutoKernel(causal=True).choose(1000) == mfattn.ChunkedKernel(128, causal=True)
+    assert mfattn.AttentionField(1.0).kernel == auto
+    params, measure, loss, z = _problem(getkey(), n=150, L=2)
+    a = mfattn.solve_discrete(params, measure, loss, 2.0, z)
+    b = mfattn.solve_discrete(params, measure, loss, 2.0, z, kernel=mfattn.DenseKernel())
+    for name in ("xs", "ps", "test_ps", "grads"):
+        assert tree_rel_err(getattr(a, name), getattr(b, name)) < 1e-10, name

@@ -1,4 +1,4 @@
-"""Blockwise AdamW against optax.adamw and a direct transcription of SPEC 5."""
+"""Blockwise AdamW against optax.adamw and a direct transcription of docs/theory.md, section 5."""
 
 import equinox as eqx
 import jax
@@ -35,7 +35,7 @@ def test_elementwise_reproduces_optax_adamw(getkey):
 
 
 def _transcription(params, grads, lr, b1, b2, eps, wd, reduction):
-    """SPEC section 5, written out per block with numpy."""
+    """docs/theory.md, section 5, written out per block with numpy."""
     out = {}
     for name in "QKVO":
         theta = np.array(getattr(params, name))

@@ -1,5 +1,6 @@
 """Attention kernels: the backends of the attention field (docs/theory.md, section 1)."""
 
+from ._auto import AutoKernel as AutoKernel
 from ._base import AbstractAttentionKernel as AbstractAttentionKernel
 from ._chunked import ChunkedKernel as ChunkedKernel
 from ._dense import DenseKernel as DenseKernel
@@ -17,7 +18,7 @@ def resolve_kernel(kernel=None, chunk_size=None, mesh=None) -> AbstractAttention
         if chunk_size is not None:
             raise ValueError("pass either `kernel` or `chunk_size`, not both")
     elif chunk_size is None:
-        kernel = DenseKernel()
+        kernel = AutoKernel()
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}")
