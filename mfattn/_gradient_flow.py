@@ -18,9 +18,14 @@ from ._risk import AbstractRisk, EmpiricalRisk
 
 
 class GradientFlowField(eqx.Module):
-    """`d theta/ds = -g(theta)`, the gradient map of `risk` at the parameters
-    `theta` of `model`, as a Diffrax vector field `(s, theta, args) -> d theta/ds`
-    (every particle at every depth node moves by minus its own gradient map)."""
+    """The vector field of the gradient flow in training time,
+    `d theta/ds = -g(theta)` (docs/theory.md, section 12), as a Diffrax vector
+    field `(s, theta, args) -> d theta/ds`: every particle at every depth node
+    moves by minus its own gradient map.
+
+    **Arguments:** `model` (its parameters are replaced by `theta` at every
+    evaluation) and `risk`, an [`mfattn.AbstractRisk`][].
+    """
 
     model: AbstractModel
     risk: AbstractRisk

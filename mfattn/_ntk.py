@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._custom_types import ScalarLike
 from ._measure import EmpiricalMeasure
 from ._model import AbstractModel, DiscreteTransformer, MeanFieldTransformer
 from ._params import AttentionParams
@@ -125,10 +126,10 @@ def lse_independence(
     key: PRNGKeyArray,
     *,
     num_probes: int = 512,
-    radius: float = 1.0,
+    radius: ScalarLike = 1.0,
     modulo: str = "affine",
     return_coefficients: bool = False,
-):
+) -> Float[Array, " N"] | tuple[Float[Array, " N"], Float[Array, "N N"]]:
     """How far the log-sum-exp functions of `N` token laws are from linear
     dependence modulo affine functions: the criterion for the injectivity of
     the attention tangent kernel (docs/theory.md, section 12).
@@ -258,7 +259,12 @@ def node_weights(model: AbstractModel) -> Float[Array, " J"]:
     raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
 
 
-def mean_field_inner(model: AbstractModel, a: AttentionParams, b: AttentionParams, blocks=_BLOCKS):
+def mean_field_inner(
+    model: AbstractModel,
+    a: AttentionParams,
+    b: AttentionParams,
+    blocks: tuple[str, ...] = _BLOCKS,
+) -> Float[Array, ""]:
     """`<a, b>` in the mean-field normalisation, `sum_j c_j (1/M) sum_m <a_jm, b_jm>`
     over the chosen blocks (`(1/(L H)) sum_{l,h}` for the discrete model), for
     gradient maps shaped like `model.params`."""
