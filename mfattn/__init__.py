@@ -33,6 +33,9 @@ from ._fits import jackknife as jackknife
 from ._fits import power_law_fit as power_law_fit
 from ._fits import slope_fit as slope_fit
 from ._fits import t_interval as t_interval
+from ._gradient_flow import GradientFlowField as GradientFlowField
+from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
+from ._gradient_flow import gradient_flow as gradient_flow
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
 from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
@@ -45,14 +48,34 @@ from ._loss import AbstractLoss as AbstractLoss
 from ._loss import DenoisingLoss as DenoisingLoss
 from ._loss import MMDLoss as MMDLoss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
+from ._mlp import MLPParams as MLPParams
+from ._mlp import mlp_backward as mlp_backward
+from ._mlp import mlp_forward as mlp_forward
 from ._model import AbstractModel as AbstractModel
 from ._model import DiscreteTransformer as DiscreteTransformer
 from ._model import MeanFieldTransformer as MeanFieldTransformer
+from ._ntk import AbstractTokenLaw as AbstractTokenLaw
+from ._ntk import GaussianMixtureLaw as GaussianMixtureLaw
+from ._ntk import UniformBoxLaw as UniformBoxLaw
+from ._ntk import lse_independence as lse_independence
+from ._ntk import mean_field_inner as mean_field_inner
+from ._ntk import node_weights as node_weights
+from ._ntk import output_gradient_maps as output_gradient_maps
+from ._ntk import tangent_kernel as tangent_kernel
 from ._optim import ScaleByBlockwiseAdamState as ScaleByBlockwiseAdamState
 from ._optim import blockwise_adamw as blockwise_adamw
 from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
+from ._probe import ProbeSolution as ProbeSolution
+from ._probe import probe_gradient as probe_gradient
+from ._probe import probe_outputs as probe_outputs
+from ._risk import AbstractRisk as AbstractRisk
+from ._risk import EmpiricalRisk as EmpiricalRisk
+from ._risk import ProbeRisk as ProbeRisk
+from ._sde import SDESolution as SDESolution
+from ._sde import noise_covariance as noise_covariance
+from ._sde import solve_sde as solve_sde
 from ._solution import Solution as Solution
 from ._train import DivergenceError as DivergenceError
 from ._train import TrainResult as TrainResult
@@ -64,6 +87,28 @@ from ._train import train as train
 from ._vector_field import AdjointVectorField as AdjointVectorField
 from ._vector_field import AttentionVectorField as AttentionVectorField
 from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
+
+# isort: split
+# Clusters, the equiangular reduction, the circle's linear stability, the token flow
+# on the sphere and hardmax attention (issue 14)
+from ._circle import circle_fourier_modes as circle_fourier_modes
+from ._circle import circle_growth_rates as circle_growth_rates
+from ._circle import predicted_cluster_count as predicted_cluster_count
+from ._clusters import Plateau as Plateau
+from ._clusters import cluster_labels as cluster_labels
+from ._clusters import count_clusters as count_clusters
+from ._clusters import diameter as diameter
+from ._clusters import metastable_plateaus as metastable_plateaus
+from ._clusters import pairwise_distances as pairwise_distances
+from ._clusters import time_to_one_cluster as time_to_one_cluster
+from ._equiangular import equiangular_points as equiangular_points
+from ._equiangular import equiangular_rho as equiangular_rho
+from ._equiangular import equiangular_velocity as equiangular_velocity
+from ._flow import TokenFlowField as TokenFlowField
+from ._flow import attention_flow as attention_flow
+from ._flow import identity_layer as identity_layer
+from ._flow import project_tangent as project_tangent
+from ._hardmax import HardmaxKernel as HardmaxKernel
 
 try:
     __version__ = importlib.metadata.version("mfattn")

@@ -82,7 +82,8 @@ def set_checks(enabled: bool) -> _ChecksSetting:
     traced `beta`) is checked for NaN and infinities, and weights for sign and
     normalisation: a bad value raises a `ValueError` naming the argument (a
     leaf of a pytree by its path, e.g. `params.Q`) at trace time, or, inside
-    `jax.jit`, an `equinox.EquinoxRuntimeError` with the same message. Checks
+    jitted code, a runtime error with the same message
+    (`equinox.EquinoxRuntimeError` under `eqx.filter_jit`, as in mfattn's solvers). Checks
     of types, shapes, dtypes and Python numbers are always on.
 
     `set_checks(False)` is for production runs that have measured a cost; the
@@ -139,7 +140,8 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
     its result is used: write `x = check_finite(x, "x")`. Integer and
     boolean leaves, and non-array leaves, are skipped. Does nothing when
     checks are off ([`mfattn.set_checks`][]). Inside jit it costs two
-    reductions per leaf (any NaN, any inf), which XLA fuses into one pass.
+    reductions per leaf (any NaN, any inf) and one conditional for the whole
+    pytree.
 
     **Arguments:**
 
@@ -155,15 +157,37 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
     """
     if not _enabled:
         return x
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
+    return _check_named({name: x})[name]
+
+
+def check_finite_args(**named):
+    """[`mfattn.check_finite`][] on several arguments with one runtime check (one
+    `eqx.error_if`, so one conditional in the compiled program):
+    `params, z = check_finite_args(params=params, test_points=z)`. `None`
+    arguments are skipped. Returns the values in the order given (a tuple, or
+    the value itself for one argument)."""
+    if not _enabled:
+        out = tuple(named.values())
+    else:
+        checked = _check_named(named)
+        out = tuple(checked[k] for k in named)
+    return out[0] if len(out) == 1 else out
+
+
+def _check_named(named: dict) -> dict:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(named)
     traced = []
     for i, (path, leaf) in enumerate(leaves):
         if not _is_inexact(leaf):
             continue
-        leaf_name = name + jax.tree_util.keystr(path)
+        # the first key is the argument's name: `params` + `.Q`
+        leaf_name = path[0].key + jax.tree_util.keystr(path[1:])
         if is_concrete(leaf):
-            with jax.ensure_compile_time_eval():
-                ok = bool(jnp.all(jnp.isfinite(jnp.asarray(leaf))))
+            if isinstance(leaf, (np.ndarray, np.generic, float, complex)):
+                ok = bool(np.all(np.isfinite(leaf)))  # on the host: no transfer
+            else:
+                with jax.ensure_compile_time_eval():
+                    ok = bool(jnp.all(jnp.isfinite(leaf)))
             if not ok:
                 raise ValueError(
                     f"`{leaf_name}` has non-finite values: {_describe(leaf)}; mfattn "
@@ -172,7 +196,7 @@ def check_finite(x: PyTree[_T], name: str) -> PyTree[_T]:
         else:
             traced.append((i, leaf_name))
     if not traced:
-        return x
+        return named
     arrays = [leaves[i][1] for i, _ in traced]
     nan = jnp.stack([jnp.any(jnp.isnan(a)) for a in arrays])
     inf = jnp.stack([jnp.any(jnp.isinf(a)) for a in arrays])

@@ -5,15 +5,17 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import ArrayLike, Float
 
-from ._checks import as_float_array, check_finite
+from ._checks import as_float_array, check_finite_args
 from ._custom_types import BetaLike
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
+from ._mlp import Activation, MLPParams
 from ._params import AttentionParams
 from ._path import ParamPath
 from ._solution import Solution
+from ._stochastic import solve_stochastic_discrete, stochastic_discrete_loss
 from ._vector_field import AttentionVectorField
 
 
@@ -49,10 +51,8 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
             test_labels = as_float_array(test_labels, "test_labels", ndim=2)
     elif test_labels is not None:
         raise ValueError("`test_labels` given without `test_points`")
-    params = check_finite(params, name)
-    test_points = None if test_points is None else check_finite(test_points, "test_points")
-    test_labels = None if test_labels is None else check_finite(test_labels, "test_labels")
-    return params, test_points, test_labels
+    checked = check_finite_args(**{name: params}, test_points=test_points, test_labels=test_labels)
+    return checked[0], checked[1], checked[2]
 
 
 def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions):
@@ -76,6 +76,9 @@ def solve_discrete(
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    mlp: MLPParams | None = None,
+    activation: Activation = "tanh",
+    residual_scaling: str = "1/L",
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
@@ -114,11 +117,38 @@ def solve_discrete(
       masking, docs/theory.md, section 8).
     - `chunk_size`, `mesh`: shortcuts for `kernel=ChunkedKernel(chunk_size)` and
       a [`mfattn.ShardedKernel`][] over `mesh` (see [`mfattn.AttentionField`][]).
+    - `mlp`: MLP blocks, an [`mfattn.MLPParams`][] with one block per layer
+      (leaves `(L, d, m)`, `(L, m)`, `(L, m, d)`), added to the attention in
+      every residual step (docs/theory.md, section 9); `None` (default): none.
+    - `activation`: the MLP's `sigma`: `"tanh"` (default), `"relu"`, `"gelu"`,
+      `"linear"`, or an elementwise callable.
+    - `residual_scaling`: `"1/L"` (default, the model above) or `"1/sqrt(L)"`,
+      `x^{l+1} = x^l + L^{-1/2} [Gamma + F]`, the regime whose limit with
+      random per-layer parameters is the common-noise SDE of
+      [`mfattn.solve_sde`][] (docs/theory.md, section 9).
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
-    points are given.
+    points are given; with MLP blocks, `mlp_grads` (the MLP's gradient map,
+    shaped like `mlp`). With either scaling, `grads` is the gradient map `g`:
+    `dLoss/dtheta_{l,h} = (h / H) g(theta_{l,h})`, `h` the residual factor.
     """
+    if mlp is not None or residual_scaling != "1/L":
+        return solve_stochastic_discrete(
+            params,
+            measure,
+            loss,
+            beta,
+            test_points,
+            test_labels=test_labels,
+            test_positions=test_positions,
+            mlp=mlp,
+            activation=activation,
+            residual_scaling=residual_scaling,
+            kernel=kernel,
+            chunk_size=chunk_size,
+            mesh=mesh,
+        )
     params, test_points, test_labels = check_model_inputs(
         params, measure, loss, test_points, test_labels
     )
@@ -186,9 +216,26 @@ def discrete_loss(
     mesh=None,
     *,
     kernel: AbstractAttentionKernel | None = None,
+    mlp: MLPParams | None = None,
+    activation: Activation = "tanh",
+    residual_scaling: str = "1/L",
 ):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
-    differentiates in the tests (and that users can differentiate freely)."""
+    differentiates in the tests (and that users can differentiate freely).
+    `mlp`, `activation`, `residual_scaling` as in [`mfattn.solve_discrete`][]."""
+    if mlp is not None or residual_scaling != "1/L":
+        return stochastic_discrete_loss(
+            params,
+            measure,
+            loss,
+            beta,
+            mlp=mlp,
+            activation=activation,
+            residual_scaling=residual_scaling,
+            kernel=kernel,
+            chunk_size=chunk_size,
+            mesh=mesh,
+        )
     params, _, _ = check_model_inputs(params, measure, loss, None, None)
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
     dt = 1.0 / params.depth

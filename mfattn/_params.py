@@ -30,10 +30,12 @@ class AttentionParams(eqx.Module):
     field (`params.Q`, ...).
     """
 
-    Q: Float[Array, "*LH d k"]
-    K: Float[Array, "*LH d k"]
-    V: Float[Array, "*LH d k"]
-    O: Float[Array, "*LH d k"]
+    # anonymous dims: the shapes are compared by __init__, with an error naming the field;
+    # NumPy arrays are accepted (and kept: the solvers convert them)
+    Q: Float[Array | np.ndarray, "... _ _"]
+    K: Float[Array | np.ndarray, "... _ _"]
+    V: Float[Array | np.ndarray, "... _ _"]
+    O: Float[Array | np.ndarray, "... _ _"]
 
     def __check_init__(self):
         shapes = {}

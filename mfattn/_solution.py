@@ -3,6 +3,7 @@
 import equinox as eqx
 from jaxtyping import Array, Float
 
+from ._mlp import MLPParams
 from ._params import AttentionParams
 
 
@@ -24,6 +25,9 @@ class Solution(eqx.Module):
     - `test_xs`, `test_ps`: states and adjoints of test particles `(S, m, d)`,
       or `None` when no test points were given.
     - `stats`: solver statistics (the limit: Diffrax's step counts), else `{}`.
+    - `mlp_grads`: for a discrete model with MLP blocks, their gradient map
+      `g(phi_l) = sum_i w_i grad_phi F(x_i^l; phi_l)^T p_i^{l+1}` as an
+      [`mfattn.MLPParams`][] shaped like the blocks; else `None`.
     """
 
     ts: Float[Array, " S"]
@@ -34,3 +38,4 @@ class Solution(eqx.Module):
     test_xs: Float[Array, "S m d"] | None = None
     test_ps: Float[Array, "S m d"] | None = None
     stats: dict = eqx.field(default_factory=dict)
+    mlp_grads: MLPParams | None = None

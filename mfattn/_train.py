@@ -201,7 +201,10 @@ def train(
 
     **Raises:** [`mfattn.DivergenceError`][] naming the step and what went
     non-finite (it carries the last finite state and the history);
-    `ValueError` for non-finite initial parameters.
+    `ValueError` for non-finite initial parameters. A runtime check that fires
+    inside a chunk (a limit solve that fails, a sampler that draws a NaN) is
+    raised as it is, with a note naming the chunk's steps; that chunk is not
+    written to the checkpoints either.
     """
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
@@ -249,7 +252,13 @@ def train(
         num = min(steps_per_call - step % steps_per_call, num_steps - step)
         if num not in chunks:
             chunks[num] = _make_chunk(sampler, optimizer, batch_size, num, record_params)
-        carry, metrics, traj, block_norms, (first_bad, what) = chunks[num](*state)
+        try:
+            carry, metrics, traj, block_norms, (first_bad, what) = chunks[num](*state)
+        except RuntimeError as e:  # a runtime check inside the chunk (e.g. a failed solve)
+            if bar is not None:
+                bar.close()
+            _add_note(e, _chunk_note(step, num, checkpoint_dir))
+            raise
         metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
         if first_bad >= 0:
             if bar is not None:
@@ -294,11 +303,29 @@ def train(
     return TrainResult(state.model, state, _history_arrays(history), traj_out)
 
 
+def _newest_checkpoint(checkpoint_dir):
+    if checkpoint_dir is None:
+        return None
+    manifests = list_checkpoints(checkpoint_dir)
+    return manifests[-1] if manifests else None
+
+
+def _chunk_note(step, num, checkpoint_dir):
+    checkpoint = _newest_checkpoint(checkpoint_dir)
+    kept = "" if checkpoint is None else f"; the newest checkpoint, {checkpoint}, is kept"
+    return (
+        f"mfattn.train: raised while running steps {step + 1}-{step + num}; nothing of "
+        f"these steps was written to the checkpoints{kept}"
+    )
+
+
+def _add_note(error, note):
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+
+
 def _raise_divergence(step, what, state, history, checkpoint_dir, num_steps):
-    checkpoint = None
-    if checkpoint_dir is not None:
-        manifests = list_checkpoints(checkpoint_dir)
-        checkpoint = manifests[-1] if manifests else None
+    checkpoint = _newest_checkpoint(checkpoint_dir)
     if checkpoint is not None:
         advice = (
             f"The last checkpoint, {checkpoint.name} in {checkpoint.parent}, is finite and "

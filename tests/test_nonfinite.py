@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import mfattn
-from mfattn._checks import check_solve
+from mfattn._checks import check_finite_args, check_solve
 
 BAD = [pytest.param(np.nan, id="nan"), pytest.param(np.inf, id="inf")]
 # a check that fires at trace time is a ValueError; inside jit it is an
@@ -90,6 +90,20 @@ def test_check_finite_under_vmap_and_grad():
     np.testing.assert_array_equal(g, 2 * y)
     gj = jax.jit(jax.grad(lambda y: jnp.sum(mfattn.check_finite(y, "y") ** 2)))(y)
     np.testing.assert_array_equal(gj, 2 * y)
+
+
+def test_check_finite_args_one_check_for_several_arguments():
+    """What the solvers call: several named arguments, one runtime check."""
+    p, z = _params(), jnp.asarray(_points()[:2])
+    out = check_finite_args(params=p, test_points=z, test_labels=None)
+    assert out[0] is p and out[1] is z and out[2] is None
+    f = eqx.filter_jit(lambda p, z: check_finite_args(params=p, test_points=z))
+    with pytest.raises(RuntimeError, match="`test_points` contains inf"):
+        f(p, z.at[1, 1].set(np.inf))
+    with pytest.raises(RuntimeError, match="`params.Q` contains NaN"):
+        f(_params(np.nan, "Q"), z.at[1, 1].set(np.inf))
+    jaxpr = jax.make_jaxpr(lambda p, z: check_finite_args(params=p, test_points=z))(p, z)
+    assert str(jaxpr).count("cond[") == 1
 
 
 # ---------------------------------------------------------------- measures
@@ -189,10 +203,9 @@ def test_discrete_loss_params_nonfinite(value):
 @pytest.mark.parametrize("value", BAD)
 def test_solve_discrete_test_points_nonfinite(value):
     measure, loss = _problem()
+    z, labels = _points(value, at=(1, 0))[:2], _points()[:2]
     with pytest.raises(RAISES, match=r"`test_points` (has non-finite|contains)"):
-        mfattn.solve_discrete(
-            _params(), measure, loss, 1.0, _points(value)[:3], test_labels=_points()[:3]
-        )
+        mfattn.solve_discrete(_params(), measure, loss, 1.0, test_points=z, test_labels=labels)
 
 
 def test_solve_limit_max_steps_names_the_solve():
@@ -241,11 +254,14 @@ class _Quadratic(mfattn.AbstractModel):
 
     params: mfattn.AttentionParams
     beta: float = eqx.field(static=True, default=1.0)
+    fail_below: float | None = eqx.field(static=True, default=None)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None):
         del loss, test_points, test_labels
         x = measure.points
         value = 0.5 * sum(jnp.sum(a**2) for a in jax.tree.leaves(self.params))
+        if self.fail_below is not None:  # a solver's own runtime check
+            value = eqx.error_if(value, value < self.fail_below, "the solve failed")
         return mfattn.Solution(
             ts=jnp.zeros(1), xs=x[None], ps=x[None], grads=self.params, loss=value
         )
@@ -297,6 +313,22 @@ def test_diverging_run_exact_step_checkpoint_kept_and_resume(tmp_path):
     expected = jax.tree.map(lambda a: 0.9**5 * 0.95**15 * a, p0)
     assert eqx.tree_equal(res.model.params, expected, rtol=1e-12, atol=0)
     assert res.history["loss"].shape == (20,)
+
+
+def test_runtime_check_inside_a_chunk_keeps_checkpoints(tmp_path):
+    """A solve whose own runtime check fires at step 8 (its loss, 0.81^7 of the
+    first, falls below a threshold): the error is raised as it is, with a note
+    naming the chunk's steps, and the checkpoint of step 5 is the newest."""
+    p0 = _params()
+    first = 0.5 * sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(p0))
+    model = _Quadratic(p0, fail_below=first * 0.81**7.5)
+    kw = dict(batch_size=2, steps_per_call=5, checkpoint_dir=tmp_path, checkpoint_every=5)
+    with pytest.raises(RuntimeError, match="the solve failed") as info:
+        mfattn.train(model, TASK, optax.sgd(0.1), 20, jax.random.key(3), progress=False, **kw)
+    assert [p.name for p in mfattn.list_checkpoints(tmp_path)] == ["ckpt-00000005.json"]
+    if sys.version_info >= (3, 11):
+        (note,) = info.value.__notes__
+        assert "raised while running steps 6-10" in note and "ckpt-00000005.json" in note
 
 
 def test_overflow_names_loss_and_gradient_norm():
