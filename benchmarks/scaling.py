@@ -3,7 +3,7 @@
 package too).
 
     python -m benchmarks.scaling --quick      # minutes on 2 cores
-    python -m benchmarks.scaling --medium     # ~20-30 minutes on 2 idle cores
+    python -m benchmarks.scaling --medium     # about an hour on 2 cores
     python -m benchmarks.scaling              # the full preset (resumable)
     python -m benchmarks.scaling --quick --summarize   # rebuild JSON and PNGs
 """
