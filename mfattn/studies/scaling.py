@@ -29,9 +29,9 @@ training steps `k`:
   (`mfattn.adversarial_sup`, central-difference gradients) at the step where
   each initialisation's error peaks;
 - the same for the state alone (`|z_k^l - z_k(l/L)|`) and the adjoint alone
-  (random `z`), each against the limit's own error of that part: the sup of
-  the sum is dominated by the adjoint at a few test points near the ball's
-  edge, where the limit's own error is largest too;
+  (random `z`), each against the limit's own error of that part (the sup of
+  the sum is dominated by the adjoint, whose own error in the limit is the
+  larger);
 - Lemma 6: every discrete head pushed through the limit's training as a test
   parameter (`mfattn.train_coupled`), `max_k max_{l,h} |theta^k - theta~^k|`;
 - the limit's own error at every recorded step: `J` against `2J` depth nodes
