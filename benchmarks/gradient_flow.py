@@ -288,8 +288,19 @@ def _outputs(model, meas, z):
     return jax.vmap(lambda m: mfattn.probe_outputs(model, m, z))(meas)
 
 
-def _flow(model, risk, cfg, s1, rtol, atol):
-    # log-spaced to s1 / 2, then evenly spaced (the tail rate is fitted there)
+class RiskBelow(eqx.Module):
+    """Event condition: the risk is below `threshold`."""
+
+    model: mfattn.AbstractModel
+    risk: mfattn.AbstractRisk
+    threshold: jax.Array
+
+    def __call__(self, s, params, args, **kwargs):
+        return self.risk(self.model.with_params(params)) < self.threshold
+
+
+def _flow(model, risk, cfg, s1, rtol, atol, stop):
+    # log-spaced to s1 / 2, then evenly spaced (denser in the exponential tail)
     head = jnp.logspace(-2, math.log10(s1 / 2), cfg["num_saves"] - 9)
     ss = jnp.concatenate([jnp.zeros(1), head, jnp.linspace(s1 / 2, s1, 9)[1:]])
     return mfattn.gradient_flow(
@@ -300,14 +311,17 @@ def _flow(model, risk, cfg, s1, rtol, atol):
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=200_000,
         throw=False,
+        event=diffrax.Event(RiskBelow(model, risk, jnp.asarray(stop))),
     )
 
 
-def _tail_rate(ss, R):
-    """Slope of `-log R` over the second half of `[0, s1]` (least squares),
-    above rounding (`R > 1e-12 R(0)`)."""
+def _tail_rate(ss, R, s_end=np.inf):
+    """Slope of `-log R` where `1e-8 < R / R(0) < 1e-3` (least squares): past
+    the fast modes, above the floor the solver's tolerance leaves near the
+    minimum, before the flow was stopped. `None` when fewer than three saved
+    points are in that window."""
     ss, R = np.asarray(ss), np.asarray(R)
-    sel = (ss >= ss[-1] / 2) & (R > 1e-12 * R[0])
+    sel = (R < 1e-3 * R[0]) & (R > 1e-8 * R[0]) & (ss <= s_end)
     if sel.sum() < 3:
         return None
     return float(-scipy.stats.linregress(ss[sel], np.log(R[sel])).slope)
@@ -318,9 +332,10 @@ def horizon(cfg, lam_min):
     return cfg["horizon"] * math.log(1 / cfg["reach_tol"]) * cfg["N"] / (2 * lam_min)
 
 
-def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=True):
+def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, stop_ratio, with_end_kernel=True):
     """One flow of the probe risk from `y = Phi(theta_0) + eps delta`, to `s1`
-    (`None`: the horizon of its own initial kernel)."""
+    (`None`: the horizon of its own initial kernel), stopped once
+    `R < stop_ratio R(0)` (later saves hold the stopped state)."""
     N = cfg["N"]
     out0 = _outputs(model, meas, z)
     delta = jax.random.normal(key, out0.shape, out0.dtype)
@@ -332,8 +347,10 @@ def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=
     coef = U.T @ r0
     if s1 is None:
         s1 = horizon(cfg, lam[0])
-    sol = _flow(model, risk, cfg, s1, rtol, atol)
+    R0 = float(jnp.sum(r0**2) / (2 * N))
+    sol = _flow(model, risk, cfg, s1, rtol, atol, stop_ratio * R0)
     ss, R = np.asarray(sol.ss), np.asarray(sol.risk)
+    stopped = sol.result == diffrax.RESULTS.event_occurred
     R_lin = np.array([np.sum(coef**2 * np.exp(-2 * lam * s / N)) / (2 * N) for s in ss])
     row = dict(
         eps=eps,
@@ -344,11 +361,15 @@ def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=
         lambda_min_0=float(lam[0]),
         eigenvalues_0=_list(lam),
         predicted_rate_0=float(2 * lam[0] / N),
-        tail_rate=_tail_rate(ss, R),
+        tail_rate=_tail_rate(ss, R, float(sol.s_end)),
         tail_rate_linearised=_tail_rate(ss, R_lin),
         final_ratio=float(R[-1] / R[0]),
         num_steps=int(sol.stats["num_steps"]),
-        result=str(sol.result),
+        result="successful" if sol.result == diffrax.RESULTS.successful else str(sol.result),
+        stopped=bool(stopped),
+        s_end=float(sol.s_end),
+        stop_ratio=stop_ratio,
+        predicted_time_to_tol=float(horizon(cfg, lam[0]) / cfg["horizon"]),
         dissipation_end=float(sol.dissipation[-1]),
     )
     if nb:
@@ -387,6 +408,7 @@ def section_flows(cfg, sets):
                 s1,
                 cfg["rtol"],
                 cfg["atol"],
+                1e-10,  # below the window of the tail fit
             )
             if name == "generic":  # the dependent set's flow runs as long
                 s1, unit = row["s1"], row["predicted_rate_0"]
@@ -402,12 +424,16 @@ def section_flows(cfg, sets):
     return rows
 
 
-def section_large(cfg, sets):
+def section_large(cfg, sets, rows, save):
+    """Resumable run by run: `rows` holds the runs already done; `save()`
+    writes them after every new one."""
     z = jnp.asarray([cfg["probe"]])
-    rows = []
     L, H, d, k = cfg["flow_L"], cfg["flow_H"], cfg["d"], cfg["k"]
+    done = {(r["eps"], r["seed"]) for r in rows}
     for eps in cfg["eps_large"]:
         for seed in range(cfg["large_seeds"]):
+            if (eps, seed) in done:
+                continue
             params = mfattn.AttentionParams.xavier_uniform(jax.random.key(500 + seed), L, H, d, k)
             model = mfattn.DiscreteTransformer(params, cfg["beta"])
             row = one_flow(
@@ -421,11 +447,17 @@ def section_large(cfg, sets):
                 None,
                 cfg["rtol"],
                 cfg["atol"],
+                cfg["reach_tol"],  # stop once reached
             )
             row["reached"] = bool(row["final_ratio"] < cfg["reach_tol"])
+            row["time_to_tol_over_predicted"] = (
+                row["s_end"] / row["predicted_time_to_tol"] if row["stopped"] else None
+            )
             rows.append(dict(model="discrete", L=L, H=H, set="generic", seed=seed, **row))
+            save()
             print(
-                f"large eps={eps:4.2f} seed {seed}: R(s1)/R0 = {row['final_ratio']:.2e}, "
+                f"large eps={eps:4.2f} seed {seed}: R(s_end)/R0 = {row['final_ratio']:.2e}, "
+                f"s_end / s* = {row['s_end'] / row['predicted_time_to_tol']:.2f}, "
                 f"lambda_min 0 -> end {row['lambda_min_0']:.3e} -> {row['lambda_min_end']:.3e}",
                 flush=True,
             )
@@ -453,6 +485,7 @@ def section_limit_flows(cfg, sets):
             lf["s1"],
             lf["flow_rtol"],
             lf["flow_atol"],
+            1e-10,
             with_end_kernel=False,
         )
         rows.append(
@@ -484,8 +517,9 @@ def flow_summary(cfg, flows, large):
                 for r in sel
                 if r["tail_rate"] is not None and r["tail_rate_linearised"]
             ]
-            s["tail_over_linearised_tail_mean"] = float(np.mean(lin))
-            s["tail_over_linearised_tail_range"] = [float(min(lin)), float(max(lin))]
+            if lin:
+                s["tail_over_linearised_tail_mean"] = float(np.mean(lin))
+                s["tail_over_linearised_tail_range"] = [float(min(lin)), float(max(lin))]
             s["tail_over_predicted_end_mean"] = float(np.mean(rates))
             s["tail_over_predicted_end_range"] = [float(min(rates)), float(max(rates))]
             r0 = [r["tail_rate"] / r["predicted_rate_0"] for r in sel if r["tail_rate"] is not None]
@@ -518,10 +552,18 @@ def flow_summary(cfg, flows, large):
                     np.median([r["lambda_min_end"] / r["lambda_min_0"] for r in sel])
                 ),
                 param_rel_change_median=float(np.median([r["param_rel_change"] for r in sel])),
+                time_to_tol_over_predicted_median=_median_or_none(
+                    [r.get("time_to_tol_over_predicted") for r in sel]
+                ),
             )
         )
     out["large"] = rows
     return out
+
+
+def _median_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
 
 
 def _wilson(k, n, zq=1.96):
@@ -735,15 +777,21 @@ def main(argv=None):
         ("criterion", section_criterion),
         ("kernel", section_kernel),
         ("flows", section_flows),
-        ("large", section_large),
     ]
     for name, fn in sections:
         if name not in res:
             res[name] = fn(cfg, sets)
             save()
+    res.setdefault("large", [])
+    section_large(cfg, sets, res["large"], save)
     if cfg["limit_flow"] and "limit_flows" not in res:
         res["limit_flows"] = section_limit_flows(cfg, sets)
         save()
+    for row in res["flows"] + res["large"] + res.get("limit_flows", []):  # cheap: redo
+        if row["result"] == "diffrax._solution.RESULTS<>":  # written by an earlier version
+            row["result"] = "successful"
+        row["tail_rate"] = _tail_rate(row["ss"], row["risk"], row.get("s_end", np.inf))
+        row["tail_rate_linearised"] = _tail_rate(row["ss"], row["risk_linearised"])
     res["kernel_summary"], res["kernel_fits"] = kernel_summary(cfg, res["kernel"])
     res["flows"] = [r for r in res["flows"] if r["model"] == "discrete"] + res.get(
         "limit_flows", []
