@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import resource
 import statistics
 import subprocess
@@ -134,7 +135,8 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
 
         ts = _time(run, repeats)
         label = "mfattn (" + {-1: "default", 0: "dense"}.get(chunk, f"chunk {chunk}")
-        label += f", {devices} devices)" if devices > 1 else ")"
+        label += f", {devices} devices" if devices > 1 else ""
+        label += ", checks off)" if os.environ.get("MFATTN_CHECKS") == "0" else ")"
     return {
         "label": label,
         "times": ts,
@@ -217,9 +219,11 @@ def worker_peak(repeats):
     return out
 
 
-def _sub(args, devices=1):
+def _sub(args, devices=1, checks=True):
     cmd = [sys.executable, "-m", "benchmarks.speed", "--worker", *map(str, args)]
     env = dict(os.environ)
+    if not checks:
+        env["MFATTN_CHECKS"] = "0"
     if devices > 1:
         flag = f"--xla_force_host_platform_device_count={devices}"
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
@@ -240,6 +244,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/speed.json")
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: all")
     args = ap.parse_args(argv)
     if args.worker:
         kind, *rest = args.worker
@@ -260,7 +265,7 @@ def main(argv=None):
         print("PyTorch is not installed (pip install -e '.[bench]'): timing mfattn only")
         have_torch = False
     repeats = 2 if args.quick else args.repeats
-    sizes = ["small"] if args.quick else list(SIZES)
+    sizes = args.sizes or (["small"] if args.quick else list(SIZES))
     print(f"load average before: {os.getloadavg()}  (time only on an idle machine)")
     peak = _sub(["peak", repeats])
     print(
@@ -273,7 +278,15 @@ def main(argv=None):
             else ""
         )
     )
-    results = {"peak": peak, "steps": {}, "limit": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m benchmarks.speed " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "load_average_before": os.getloadavg(),
+        "peak": peak,
+        "steps": {},
+        "limit": {},
+    }
     cols = ("median s", 9), ("ratio", 6), ("GFLOP/s", 8), ("%peak", 6), ("Gexp/s", 7)
     head = f"{'size':8s} {'implementation':34s} " + " ".join(f"{c:>{w}s}" for c, w in cols)
     head += f" {'peak MiB':>9s}"
@@ -287,6 +300,10 @@ def main(argv=None):
             name = f"mfattn-chunk{chunk}-dev{devices}"
             if name not in rows:
                 rows[name] = _sub(["step", "jax", size, repeats, chunk, devices], devices)
+        if size == "medium":  # the cost of the value checks (mfattn.set_checks), paired
+            rows["mfattn-default-checks-off"] = _sub(
+                ["step", "jax", size, repeats, -1, 1], checks=False
+            )
         if have_torch:
             rows["torch"] = _sub(["step", "torch", size, repeats])
         base = rows["torch"]["median"] if have_torch else min(r["median"] for r in rows.values())

@@ -27,6 +27,8 @@ number of clusters that form from a near-uniform start; for large `beta`,
 `I_k / I_0 ~ e^{-k^2 / (2 beta)}` and `k* ~ sqrt(2 beta)`.
 """
 
+from collections.abc import Sequence
+
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -42,7 +44,9 @@ def _check_beta(beta):
     return beta
 
 
-def circle_growth_rates(beta: ScalarLike, modes: Int[ArrayLike, " K"]) -> Float[np.ndarray, " K"]:
+def circle_growth_rates(
+    beta: ScalarLike, modes: Int[ArrayLike, " K"] | Sequence[int]
+) -> Float[np.ndarray, " K"]:
     """The growth rates `lambda_k = k^2 I_k(beta) / (beta I_0(beta))` of the Fourier
     modes `k` of a perturbation of the uniform distribution on the circle, for the
     projected softmax dynamics with `Q = K = V = O = I` (module docstring).
@@ -80,9 +84,9 @@ def predicted_cluster_count(beta: ScalarLike) -> int:
 
 
 def circle_fourier_modes(
-    points: Float[Array, "n 2"],
-    modes: Int[ArrayLike, " K"],
-    weights: Float[Array, " n"] | None = None,
+    points: Float[ArrayLike, "n d"],
+    modes: Int[ArrayLike, " K"] | Sequence[int],
+    weights: Float[ArrayLike, " _n"] | None = None,
 ) -> Float[Array, " K"]:
     """The moduli of the Fourier coefficients `|sum_j w_j e^{-i k theta_j}|` of a
     measure on the circle (`theta_j` the angle of `x_j`): `1` for all `k` at a

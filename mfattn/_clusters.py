@@ -18,7 +18,8 @@ tolerances well above that.
 """
 
 import functools
-from typing import Literal, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,6 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._checks import as_float_array
 from ._custom_types import ScalarLike
-
-Metric = Literal["angle", "euclidean"]
 
 
 def _check_metric(metric):
@@ -45,7 +44,7 @@ def _check_tol(tol, name="tol"):
 
 
 def pairwise_distances(
-    points: Float[Array, "n d"], *, metric: Metric = "angle"
+    points: Float[ArrayLike, "n d"], *, metric: str = "angle"
 ) -> Float[Array, "n n"]:
     """All pairwise distances between tokens (see the module docstring for the
     metrics). Diagonal exactly zero."""
@@ -67,7 +66,7 @@ def _pairwise(x, metric):
     return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, chord)
 
 
-def diameter(points: Float[Array, "n d"], *, metric: Metric = "angle") -> Float[Array, ""]:
+def diameter(points: Float[ArrayLike, "n d"], *, metric: str = "angle") -> Float[Array, ""]:
     """The diameter of a token set, `max_{i,j} dist(x_i, x_j)`: the tokens form one
     cluster of size at most `tol` when it is at most `tol`.
 
@@ -102,7 +101,7 @@ def _labels_from_adjacency(adj: Bool[Array, "n n"]) -> Int[Array, " n"]:
 
 
 def cluster_labels(
-    points: Float[Array, "n d"], *, tol: ScalarLike, metric: Metric = "angle"
+    points: Float[ArrayLike, "n d"], *, tol: ScalarLike, metric: str = "angle"
 ) -> Int[Array, " n"]:
     """Which cluster every token belongs to, at tolerance `tol` (single linkage:
     the connected components of the graph linking tokens at distance `<= tol`).
@@ -130,12 +129,12 @@ def _labels(x, tol, metric):
 
 
 def count_clusters(
-    points: Float[Array, "n d"],
+    points: Float[ArrayLike, "n d"],
     *,
     tol: ScalarLike,
-    weights: Float[Array, " n"] | None = None,
+    weights: Float[ArrayLike, " _n"] | None = None,
     min_mass: ScalarLike = 0.0,
-    metric: Metric = "angle",
+    metric: str = "angle",
 ) -> Int[Array, ""]:
     """The number of clusters of a token set at tolerance `tol` (see
     [`mfattn.cluster_labels`][]), counting only clusters whose mass exceeds
@@ -178,11 +177,11 @@ def _count(x, weights, tol, min_mass, metric):
 
 
 def time_to_one_cluster(
-    ts: Float[Array, " T"],
-    xs: Float[Array, "T n d"],
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    xs: Float[ArrayLike, "T n d"],
     *,
     tol: ScalarLike,
-    metric: Metric = "angle",
+    metric: str = "angle",
     interpolate: bool = False,
 ) -> Float[Array, ""]:
     """The first time at which all tokens fit in one cluster of diameter `<= tol`.
@@ -247,8 +246,8 @@ class Plateau(NamedTuple):
 
 
 def metastable_plateaus(
-    ts: Float[ArrayLike, " T"],
-    counts: Int[ArrayLike, " T"],
+    ts: Float[ArrayLike, " T"] | Sequence[float],
+    counts: Int[ArrayLike, " T"] | Sequence[int],
     *,
     min_duration: float,
     log_time: bool = False,

@@ -2,6 +2,8 @@
 (docs/theory.md, section 10): tokens whose pairwise inner products are all equal
 stay so, and the common inner product solves a scalar ODE."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +72,7 @@ def equiangular_points(
 
 
 def equiangular_velocity(
-    rho: Float[ArrayLike, "..."], beta: ScalarLike, n: int
+    rho: Float[ArrayLike, "..."] | float, beta: ScalarLike, n: int
 ) -> Float[np.ndarray, "..."]:
     """The right-hand side of the equiangular ODE (softmax attention, `Q = K = V =
     O = I`, one head, uniform weights, tokens on the sphere):
@@ -83,11 +85,12 @@ def equiangular_velocity(
     """
     rho = np.asarray(rho, dtype=np.float64)
     with np.errstate(over="ignore"):  # e^{beta (1 - rho)} = inf gives the right limit, 0
-        return 2.0 * (1.0 - rho) * ((n - 1) * rho + 1.0) / (np.exp(beta * (1.0 - rho)) + (n - 1))
+        out = 2.0 * (1.0 - rho) * ((n - 1) * rho + 1.0) / (np.exp(beta * (1.0 - rho)) + (n - 1))
+    return np.asarray(out)
 
 
 def equiangular_rho(
-    ts: Float[ArrayLike, " T"],
+    ts: Float[ArrayLike, " T"] | Sequence[float],
     rho0: ScalarLike,
     beta: ScalarLike,
     n: int,

@@ -2,6 +2,8 @@
 on the unit sphere (docs/theory.md, section 10): the object of the clustering
 and low-temperature studies, forward only."""
 
+from collections.abc import Sequence
+
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
@@ -62,7 +64,7 @@ def attention_flow(
     params: AttentionParams | ParamPath,
     measure: EmpiricalMeasure,
     beta: BetaLike,
-    ts: Float[ArrayLike, " T"],
+    ts: Float[ArrayLike, " T"] | Sequence[float],
     *,
     normalization: str | None = None,
     kernel: AbstractAttentionKernel | None = None,

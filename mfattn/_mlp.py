@@ -49,9 +49,10 @@ class MLPParams(eqx.Module):
     a non-floating dtype.
     """
 
-    W1: Float[Array, "*L d m"]
-    b1: Float[Array, "*L m"]
-    W2: Float[Array, "*L m d"]
+    # shapes are checked in `__check_init__`, with messages naming the field
+    W1: Float[Array, "... _ _"]
+    b1: Float[Array, "... _"]
+    W2: Float[Array, "... _ _"]
 
     def __check_init__(self):
         for name in ("W1", "b1", "W2"):

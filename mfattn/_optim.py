@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 
 class ScaleByBlockwiseAdamState(NamedTuple):
@@ -46,10 +47,10 @@ def _broadcast(nu, leaf, block_axes):
 
 
 def scale_by_blockwise_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     reduction: str = "sum",
     block_axes: Sequence[int] = (-2, -1),
 ) -> optax.GradientTransformation:
@@ -111,10 +112,10 @@ def scale_by_blockwise_adam(
 
 def blockwise_adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Any = None,
     reduction: str = "sum",

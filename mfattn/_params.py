@@ -30,11 +30,12 @@ class AttentionParams(eqx.Module):
     field (`params.Q`, ...).
     """
 
-    # anonymous dims: the shapes are compared by __init__, with an error naming the field
-    Q: Float[Array, "... _ _"]
-    K: Float[Array, "... _ _"]
-    V: Float[Array, "... _ _"]
-    O: Float[Array, "... _ _"]
+    # anonymous dims: the shapes are compared by __init__, with an error naming the field;
+    # NumPy arrays are accepted (and kept: the solvers convert them)
+    Q: Float[Array | np.ndarray, "... _ _"]
+    K: Float[Array | np.ndarray, "... _ _"]
+    V: Float[Array | np.ndarray, "... _ _"]
+    O: Float[Array | np.ndarray, "... _ _"]
 
     def __check_init__(self):
         shapes = {}

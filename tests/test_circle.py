@@ -51,7 +51,15 @@ def test_predicted_cluster_count_published_values():
         assert abs(mfattn.predicted_cluster_count(beta) - np.sqrt(2 * beta)) <= 1
 
 
-@pytest.mark.parametrize("beta,k", [(2.0, 1), (2.0, 2), (5.0, 3), (5.0, 5)])
+@pytest.mark.parametrize(
+    "beta,k",
+    [
+        (2.0, 2),
+        (5.0, 5),
+        pytest.param(2.0, 1, marks=pytest.mark.slow),
+        pytest.param(5.0, 3, marks=pytest.mark.slow),
+    ],
+)
 def test_growth_rate_of_particle_dynamics(beta, k):
     """N equally spaced tokens displaced by eps cos(k theta): the displacement mode
     grows like e^{lambda_k t}. On the lattice the sums are trapezoidal rules of

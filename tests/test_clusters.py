@@ -42,7 +42,9 @@ def test_pairwise_distances_metrics(getkey):
     assert np.all(np.diag(np.asarray(ang)) == 0)
 
 
-@pytest.mark.parametrize("num_clusters,d", [(1, 3), (4, 3), (7, 5)])
+@pytest.mark.parametrize(
+    "num_clusters,d", [(4, 3), (7, 5), pytest.param(1, 3, marks=pytest.mark.slow)]
+)
 def test_count_tight_clusters(getkey, num_clusters, d):
     x, centres = _tight_clusters(getkey(), num_clusters, 6, d, spread=1e-4)
     gaps = np.asarray(mfattn.pairwise_distances(centres))

@@ -12,7 +12,15 @@ from sphere_reference import identity_heads, projected_rk4
 import mfattn
 
 
-@pytest.mark.parametrize("n,dim", [(2, 2), (3, 3), (5, 7), (8, 8)])
+@pytest.mark.parametrize(
+    "n,dim",
+    [
+        (3, 3),
+        (5, 7),
+        pytest.param(2, 2, marks=pytest.mark.slow),
+        pytest.param(8, 8, marks=pytest.mark.slow),
+    ],
+)
 def test_equiangular_points_gram(getkey, n, dim):
     for rho in (-1.0 / (n - 1), -0.5 / (n - 1), 0.0, 0.37, 1.0):
         for key in (None, getkey()):
@@ -69,7 +77,13 @@ def _offdiag(x):
 
 
 @pytest.mark.parametrize(
-    "n,dim,beta,rho0", [(2, 2, 1.0, -0.6), (3, 4, 4.0, 0.0), (5, 5, 9.0, 0.6), (8, 9, 2.0, -0.1)]
+    "n,dim,beta,rho0",
+    [
+        (5, 5, 9.0, 0.6),
+        pytest.param(2, 2, 1.0, -0.6, marks=pytest.mark.slow),
+        pytest.param(3, 4, 4.0, 0.0, marks=pytest.mark.slow),
+        pytest.param(8, 9, 2.0, -0.1, marks=pytest.mark.slow),
+    ],
 )
 def test_particles_stay_equiangular_and_follow_the_ode(getkey, n, dim, beta, rho0):
     """Projected RK4 of the particle system (Q = K = V = O = I, one head, uniform

@@ -2,12 +2,15 @@
 the sphere, against exact solutions: one token (a linear ODE, or its
 normalisation), a time-dependent linear path, and the equiangular ODE."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
 from scipy.linalg import expm
+from scipy.stats import linregress
 
 import mfattn
 
@@ -21,7 +24,7 @@ def _one_token_case(seed, d=3, k=2, H=2):
     return layer, A, x0
 
 
-@pytest.mark.parametrize("normalization", [None, "sphere"])
+@pytest.mark.parametrize("normalization", [pytest.param(None, marks=pytest.mark.slow), "sphere"])
 def test_one_token_linear_flow(normalization):
     """x' = A x: x(t) = e^{tA} x0. On the sphere, x' = P_x A x, whose solution is
     the normalised linear flow e^{tA} x0 / |e^{tA} x0| (from a unit x0)."""
@@ -44,6 +47,7 @@ def test_one_token_linear_flow(normalization):
     assert rel_err(xs[:, 0], exact) < 1e-9
 
 
+@pytest.mark.slow
 def test_param_path_time_dependent():
     """A ParamPath from O = a M to O = b M (V = I, one token):
     x' = ((1 - t) a + t b) M x, so x(t) = exp((a t + (b - a) t^2 / 2) M) x0."""
@@ -69,7 +73,14 @@ def test_param_path_time_dependent():
     assert rel_err(xs[:, 0], exact) < 1e-9
 
 
-@pytest.mark.parametrize("n,beta,rho0", [(2, 1.0, -0.6), (5, 5.0, 0.3), (16, 4.0, 0.05)])
+@pytest.mark.parametrize(
+    "n,beta,rho0",
+    [
+        (5, 5.0, 0.3),
+        pytest.param(2, 1.0, -0.6, marks=pytest.mark.slow),
+        pytest.param(16, 4.0, 0.05, marks=pytest.mark.slow),
+    ],
+)
 def test_sphere_equiangular_to_1e7(getkey, n, beta, rho0):
     """Q = K = V = O = I on the sphere from equiangular tokens: they stay
     equiangular, on the sphere, and rho(t) is the scalar ODE's to 1e-7."""
@@ -107,3 +118,33 @@ def test_bad_input(getkey):
         mfattn.attention_flow(mfattn.identity_layer(3), measure, 1.0, jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="dim"):
         mfattn.identity_layer(0)
+
+
+_HAS_DISCRETE_SPHERE = "normalization" in inspect.signature(mfattn.solve_discrete).parameters
+
+
+@pytest.mark.skipif(
+    not _HAS_DISCRETE_SPHERE, reason="solve_discrete(normalization='sphere') not merged yet"
+)
+def test_discrete_sphere_converges_at_order_one(getkey):
+    """The post-normalised transformer x^{l+1} = N(x^l + Gamma / L), with one
+    layer repeated L times, tends to the projected flow at t = 1 like 1/L."""
+    d, H, n, beta = 3, 2, 6, 2.0
+    layer = mfattn.AttentionParams.xavier_uniform(getkey(), 1, H, d, 2).layer(0)
+    layer = mfattn.AttentionParams(layer.Q, layer.K, layer.V, 4 * layer.O)  # visible motion
+    x0 = jax.random.normal(getkey(), (n, d))
+    x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+    measure = mfattn.EmpiricalMeasure(x0)
+    loss = mfattn.DenoisingLoss(jnp.zeros_like(x0))
+    ref = mfattn.attention_flow(
+        layer, measure, beta, jnp.array([0.0, 1.0]), normalization="sphere", rtol=1e-12, atol=1e-12
+    )[-1]
+    Ls = np.array([4, 8, 16, 32])
+    errs = []
+    for L in Ls:
+        params = jax.tree.map(lambda a: jnp.stack([a] * int(L)), layer)
+        sol = mfattn.solve_discrete(params, measure, loss, beta, normalization="sphere")
+        assert np.max(np.abs(np.linalg.norm(np.asarray(sol.xs), axis=-1) - 1)) < 1e-12
+        errs.append(float(jnp.max(jnp.abs(sol.xs[-1] - ref))))
+    slope = linregress(np.log(Ls), np.log(errs)).slope
+    assert -1.15 < slope < -0.85, (slope, errs)
