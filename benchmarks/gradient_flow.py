@@ -558,16 +558,34 @@ def flow_summary(cfg, flows, large):
             r0 = [r["tail_rate"] / r["predicted_rate_0"] for r in sel if r["tail_rate"] is not None]
             s["tail_over_predicted_0_mean"] = float(np.mean(r0))
             s["tail_over_predicted_0_range"] = [float(min(r0)), float(max(r0))]
+            s["tail_over_predicted_0"] = r0  # per run, in seed order
+            s["tail_over_predicted_end"] = rates
         if name == "translates":
             pred = np.array([r["plateau_predicted"] for r in sel])
             s["plateau_predicted_mean"] = float(np.mean(pred))
+            s["plateau_predicted"] = _list(pred)
             s["final_over_plateau"] = _list(np.array(ratio) / pred)
-        dev = [
-            float(np.max(np.abs(np.log(np.array(r["risk"]) / np.array(r["risk_linearised"])))))
-            for r in sel
-        ]
-        s["max_abs_log_ratio_to_linearised"] = _list(dev)
+            s["null_block_top"] = [r["null_block_top"] for r in sel]
+        s["max_abs_log_ratio_to_linearised"] = [_log_dev(r) for r in sel]
         out[name] = s
+    limit = {}
+    for r in flows:
+        if r["model"] != "limit":
+            continue
+        limit[r["set"]] = dict(
+            M=r["M"],
+            s1=r["s1"],
+            final_ratio=r["final_ratio"],
+            predicted_rate_0=r["predicted_rate_0"],
+            bound_at_s1=float(math.exp(-r["predicted_rate_0"] * r["s1"])),
+            plateau_predicted=r.get("plateau_predicted"),
+            final_over_plateau=(
+                r["final_ratio"] / r["plateau_predicted"] if r.get("plateau_predicted") else None
+            ),
+            max_abs_log_ratio_to_linearised=_log_dev(r),
+        )
+    if limit:
+        out["limit"] = limit
     rows = []
     for eps in sorted({r["eps"] for r in large}):
         sel = [r for r in large if r["eps"] == eps]
@@ -591,7 +609,17 @@ def flow_summary(cfg, flows, large):
             )
         )
     out["large"] = rows
+    k, n = sum(r["reached"] for r in large), len(large)
+    out["large_pooled"] = dict(runs=n, reached=k, reached_wilson95=_wilson(k, n))
     return out
+
+
+def _log_dev(r):
+    """`max |log(R / R_lin)|` over the saves up to where the flow ended (later
+    saves hold the stopped state while `R_lin` goes on falling)."""
+    ss = np.array(r["ss"])
+    keep = ss <= r.get("s_end", np.inf)
+    return float(np.max(np.abs(np.log(np.array(r["risk"]) / np.array(r["risk_linearised"]))[keep])))
 
 
 def _median_or_none(values):
