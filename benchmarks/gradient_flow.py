@@ -606,6 +606,13 @@ def flow_summary(cfg, flows, large):
                 time_to_tol_over_predicted_median=_median_or_none(
                     [r.get("time_to_tol_over_predicted") for r in sel]
                 ),
+                time_to_tol_over_predicted_range=_range_or_none(
+                    [r.get("time_to_tol_over_predicted") for r in sel]
+                ),
+                lambda_min_end_over_0_range=_range_or_none(
+                    [r["lambda_min_end"] / r["lambda_min_0"] for r in sel]
+                ),
+                param_rel_change_range=_range_or_none([r["param_rel_change"] for r in sel]),
             )
         )
     out["large"] = rows
@@ -620,6 +627,11 @@ def _log_dev(r):
     ss = np.array(r["ss"])
     keep = ss <= r.get("s_end", np.inf)
     return float(np.max(np.abs(np.log(np.array(r["risk"]) / np.array(r["risk_linearised"]))[keep])))
+
+
+def _range_or_none(values):
+    values = [v for v in values if v is not None]
+    return [float(min(values)), float(max(values))] if values else None
 
 
 def _median_or_none(values):
