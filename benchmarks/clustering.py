@@ -394,6 +394,7 @@ def plots(data, cfg, stem):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     s = summarise(data, cfg)
     if "time" in s:
@@ -415,7 +416,7 @@ def plots(data, cfg, stem):
             ylim=(None, 3 * c["horizon"]),
             xlabel="β (dotted: β = log n)",
             ylabel=f"time to one cluster (diameter ≤ {c['diameter']:g} rad)",
-            title="Time to one cluster: dots per seed, ▲ not clustered by the horizon",
+            title="Time to one cluster (dots: seeds; ▲: not by the horizon)",
         )
         ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
@@ -472,6 +473,8 @@ def plots(data, cfg, stem):
             ylabel="number of clusters",
             title=f"Emerging clusters on the circle, n = {cfg['circle']['n']}",
         )
+        ax.set_xticks(b, [f"{v:g}" for v in b])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_circle.png", dpi=120)
