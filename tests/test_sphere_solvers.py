@@ -321,6 +321,11 @@ def test_bad_input(getkey):
         mfattn.solve_discrete(params, measure, loss, beta, normalization="ball")
     with pytest.raises(ValueError, match="normalization"):
         mfattn.limit_gradient(params, measure, loss, beta, normalization="Sphere")
+    limit = mfattn.MeanFieldTransformer(params, beta, normalization="sphere")
+    with pytest.raises(ValueError, match="normalization"):
+        mfattn.probe_outputs(limit, measure, measure.points)
+    with pytest.raises(ValueError, match="normalization"):
+        mfattn.train_coupled(limit, [], None, optax.sgd(0.1), 1, getkey())
     mlp = mfattn.MLPParams.init(getkey(), params.depth, params.dim, 4)
     with pytest.raises(ValueError, match="mlp"):
         mfattn.solve_discrete(params, measure, loss, beta, mlp=mlp, normalization="sphere")
