@@ -72,7 +72,7 @@ def test_tiny_study_end_to_end(tmp_path):
     data = scaling.run(TINY, out, progress=False)
     assert not data["failed"]
     c = data["points"]["d2-n4-adamw"]
-    for name in ("_LH.png", "_horizon.png"):
+    for name in ("_LH.png", "_horizon.png", "_reference.png"):
         assert out.with_name(out.stem + name).exists()
     assert len(c["reference"]["M_vs_4M"]) == len(c["steps"]) == TINY["steps"] + 1
     assert c["displacement"][0] == 0 and c["displacement"][-1] > 0
@@ -84,7 +84,95 @@ def test_tiny_study_end_to_end(tmp_path):
             np.asarray(p["total_random"]) <= p["bias"] + np.asarray(p["fluctuation"]) + 1e-9
         )
         assert len(p["lemma6"]) == TINY["inits"]
+        # each part alone: the same split, and never above the sum of both
+        for part in ("state", "adjoint"):
+            q = p[part]
+            assert np.all(
+                np.asarray(q["total_random"]) <= q["bias"] + np.asarray(q["fluctuation"]) + 1e-9
+            )
+            assert np.all(np.asarray(q["total_random"]) <= np.asarray(p["total_random"]) + 1e-12)
+    r = c["reference"]
+    assert np.all(np.asarray(r["M_vs_4M_state"]) <= np.asarray(r["M_vs_4M"]) + 1e-12)
     # a resumed run redoes nothing
     before = json.loads(out.read_text())["points"]
     scaling.run(TINY, out, progress=False)
     assert json.loads(out.read_text())["points"] == before
+
+
+def _synthetic_run(self, log=print):
+    """A condition's record with known answers: state bias `0.5 / L`, error and
+    fluctuation `c_r (L H)^-1/2` (`c_r` one factor per initialisation), Lemma 6
+    `0.1 d^0.5` (blockwise "sum": `0.1`), no growth with `n`; the limit's own
+    error is tiny, its test parameters' too except at `(1, 2)`."""
+    cfg, R = self.cfg, self.R
+    S = cfg["steps"] // cfg["record_every"] + 1
+    c = np.exp(0.1 * np.random.default_rng(0).standard_normal(R))
+    growth = {"adamw": 0.5, "blockwise_sum": 0.0}[self.opt_name]
+
+    def split(scale, bias):
+        per_step = np.outer(c * scale, np.ones(S))
+        return {
+            "total_random": per_step.max(axis=1).tolist(),
+            "per_step_random": per_step.tolist(),
+            "bias": bias,
+            "bias_loo": [bias] * R,
+            "bias_noise": bias / 10,
+            "bias_per_step": [bias] * S,
+            "fluctuation": (c * scale).tolist(),
+            "fluctuation_per_step": [(c * scale).tolist()] * S,
+        }
+
+    ref = [1e-4] * S
+    out = {
+        "steps": list(range(0, cfg["steps"] + 1, cfg["record_every"])),
+        "reference": {
+            f"{k}{p}": ref for k in ("M_vs_4M", "J_vs_2J") for p in ("", "_state", "_adjoint")
+        },
+        "displacement": [0.0] + [0.1] * (S - 1),
+        "limit_loss": [0.1] * cfg["steps"],
+        "points": {},
+    }
+    out["reference"].update(nodes=cfg["nodes"], particles=self.particles)
+    for L, H in self.grid:
+        scale = (L * H) ** -0.5
+        pt = dict(split(scale, 0.5 / L), L=L, H=H, peak_step=[0] * R)
+        pt["total"] = pt["total_random"]
+        pt["state"] = split(scale, 0.5 / L)
+        pt["adjoint"] = split(2 * scale, 1.0 / L)
+        lem = 0.1 * c * self.dim**growth
+        pt.update(
+            lemma6=lem.tolist(),
+            lemma6_per_step=np.outer(lem, np.ones(S)).tolist(),
+            lemma6_reference=[0.0] + [1e-5] * (S - 1),
+        )
+        if (L, H) == (1, 2):  # the limit's own error disqualifies this point
+            pt["lemma6_reference"] = [1.0] * S
+        out["points"][f"L{L}/H{H}"] = pt
+    return out
+
+
+def test_summary_recovers_known_answers(tmp_path, monkeypatch):
+    cfg = dict(TINY, L=[1, 2, 4], H=[2, 4, 8], n_sweep=[4, 8], causal_sweep=True)
+    cfg.update(d_sweep=[2, 8], optimizers=["adamw", "blockwise_sum"], sweep_LH=[2, 4])
+    monkeypatch.setattr(scaling.Condition, "run", _synthetic_run)
+    out = tmp_path / "s.json"
+    data = scaling.run(cfg, out, progress=False)
+    fits = data["fits"]
+    for prefix in ("", "state_"):
+        f = fits[prefix + "bias_vs_L"]
+        assert f["L"] == [1, 2, 4] and abs(f["slope"] + 1) < 1e-9
+        f = fits[prefix + "fluctuation_vs_LH"]
+        assert abs(f["L"] + 0.5) < 1e-9 and abs(f["H"] + 0.5) < 1e-9
+    # the point whose reference disqualifies Lemma 6 is left out of its fit
+    assert "L1/H2" not in fits["lemma6_vs_LH"]["points_used"]
+    assert data["marks"]["d2-n4-adamw"]["L1/H2"]["lemma6"]
+    # no growth with n, masked or not; Lemma 6 against d per optimiser
+    for tag in ("unmasked", "causal"):
+        assert abs(fits[f"total_vs_n_{tag}"]["total"]["slope"]) < 1e-9
+    assert abs(fits["lemma6"]["adamw"]["lemma6"]["slope"] - 0.5) < 1e-9
+    assert abs(fits["lemma6"]["blockwise_sum"]["lemma6"]["slope"]) < 1e-9
+    for name in ("_LH", "_LH_state", "_horizon", "_reference", "_n", "_d"):
+        assert out.with_name(out.stem + name + ".png").exists()
+    text = scaling.report(data)
+    assert "bias vs L" in text and "lemma6 vs d (adamw" in text
+    assert "| 1 | 2 |" in scaling.table(data)

@@ -28,12 +28,16 @@ training steps `k`:
   the sup over `z` is refined by an adversarial ascent with restarts
   (`mfattn.adversarial_sup`, central-difference gradients) at the step where
   each initialisation's error peaks;
+- the same for the state alone (`|z_k^l - z_k(l/L)|`) and the adjoint alone
+  (random `z`), each against the limit's own error of that part: the sup of
+  the sum is dominated by the adjoint at a few test points near the ball's
+  edge, where the limit's own error is largest too;
 - Lemma 6: every discrete head pushed through the limit's training as a test
   parameter (`mfattn.train_coupled`), `max_k max_{l,h} |theta^k - theta~^k|`;
 - the limit's own error at every recorded step: `J` against `2J` depth nodes
-  and `M` against `4M` particles (independent draws); points whose reference
-  error exceeds a fifth of the error they are compared with are excluded from
-  the fits and marked;
+  and `M` against `4M` particles (independent draws), of the state and adjoint
+  together and of each alone; points whose reference error exceeds a fifth of
+  the quantity they are compared with are excluded from its fits and marked;
 - the limit's displacement `max_z |z_k(1) - z_0(1)|`.
 
 Results go, per condition, to `<out>_points/<condition>.json` (an interrupted
@@ -111,9 +115,9 @@ PRESETS = {
         H=[4, 16],
         inits=6,
         probes=2,
-        n_sweep=[4, 8, 16],
+        n_sweep=[4, 16],
         causal_sweep=True,
-        d_sweep=[2, 4, 16],
+        d_sweep=[2, 8],
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
     ),
@@ -240,6 +244,37 @@ def _ball(key, m, d, radius):
 def _err(a, b):
     """`|a_x - b_x| + |a_p - b_p|` over the last axis."""
     return np.linalg.norm(a[0] - b[0], axis=-1) + np.linalg.norm(a[1] - b[1], axis=-1)
+
+
+def _split(samples, reference):
+    """The error of components `(R, P, S, L+1, m, d)` (initialisations, probes,
+    recorded steps, layers, test points) against the limit's `(P, S, L+1, m,
+    d)`: per initialisation and step (random z), and its bias and fluctuation
+    over all steps, per step, and with each initialisation left out."""
+    R, S = samples[0].shape[0], samples[0].shape[2]
+    bf = mfattn.bias_fluctuation(samples, reference)
+    loo = [
+        float(mfattn.bias_fluctuation(tuple(np.delete(a, i, 0) for a in samples), reference).bias)
+        for i in range(R)
+    ]
+    per = [
+        mfattn.bias_fluctuation(
+            tuple(a[:, :, s] for a in samples), tuple(b[:, s] for b in reference)
+        )
+        for s in range(S)
+    ]
+    err = sum(np.linalg.norm(a - b[None], axis=-1) for a, b in zip(samples, reference))
+    per_step = err.max(axis=(1, 3, 4))  # (R, S)
+    return {
+        "total_random": per_step.max(axis=1).tolist(),
+        "per_step_random": per_step.tolist(),
+        "bias": float(bf.bias),
+        "bias_loo": loo,
+        "bias_noise": float(bf.noise),
+        "bias_per_step": [float(b.bias) for b in per],
+        "fluctuation": np.asarray(bf.fluctuation).tolist(),
+        "fluctuation_per_step": [np.asarray(b.fluctuation).tolist() for b in per],
+    }
 
 
 # --- one condition ------------------------------------------------------------------
@@ -423,13 +458,19 @@ class Condition:
         lim_big = self.limit_states(big.limit, probes)
         lim_fine = self.limit_states(fine.limit, probes)
         S = len(main.steps)
+
         # reference errors per step (max over probes, z and t = l / Lmax)
-        ref_M = [
-            max(_err(lim[s][p], lim_big[s][p]).max() for p in range(len(probes))) for s in range(S)
-        ]
-        ref_J = [
-            max(_err(lim[s][p], lim_fine[s][p]).max() for p in range(len(probes))) for s in range(S)
-        ]
+        # reference errors per step (max over probes, z and t = l / Lmax): of the
+        # state and adjoint together (the theorem's quantity), and of each part
+        def ref_err(other, part=None):
+            e = lambda a, b: (
+                _err(a, b) if part is None else np.linalg.norm(a[part] - b[part], axis=-1)
+            )
+            return [
+                float(max(e(lim[s][p], other[s][p]).max() for p in range(len(probes))))
+                for s in range(S)
+            ]
+
         disp = [
             max(
                 np.linalg.norm(lim[s][p][0][-1] - lim[0][p][0][-1], axis=-1).max()
@@ -445,8 +486,12 @@ class Condition:
             "causal": self.causal,
             "steps": main.steps.tolist(),
             "reference": {
-                "M_vs_4M": [float(x) for x in ref_M],
-                "J_vs_2J": [float(x) for x in ref_J],
+                "M_vs_4M": ref_err(lim_big),
+                "J_vs_2J": ref_err(lim_fine),
+                "M_vs_4M_state": ref_err(lim_big, 0),
+                "J_vs_2J_state": ref_err(lim_fine, 0),
+                "M_vs_4M_adjoint": ref_err(lim_big, 1),
+                "J_vs_2J_adjoint": ref_err(lim_fine, 1),
                 "nodes": J,
                 "particles": M,
             },
@@ -475,27 +520,7 @@ class Condition:
             Pp = np.stack(ps_all, axis=1).transpose(2, 1, 0, 3, 4, 5)
             LX = np.stack(lx_all)  # (P, S, L+1, m, d)
             LP = np.stack(lp_all)
-            bf = mfattn.bias_fluctuation((X, Pp), (LX, LP))
-            loo = [
-                float(
-                    mfattn.bias_fluctuation(
-                        (np.delete(X, i, 0), np.delete(Pp, i, 0)), (LX, LP)
-                    ).bias
-                )
-                for i in range(R)
-            ]
-            bias_step = [
-                float(mfattn.bias_fluctuation((X[:, :, s], Pp[:, :, s]), (LX[:, s], LP[:, s])).bias)
-                for s in range(S)
-            ]
-            fluct_step = [
-                np.asarray(
-                    mfattn.bias_fluctuation(
-                        (X[:, :, s], Pp[:, :, s]), (LX[:, s], LP[:, s])
-                    ).fluctuation
-                ).tolist()
-                for s in range(S)
-            ]
+            both = _split((X, Pp), (LX, LP))
             # the adversarial sup, from each init's worst points at its peak
             where = []
             for r in range(R):
@@ -522,12 +547,15 @@ class Condition:
                 "total_random": total_random.tolist(),
                 "per_step_random": per_step.tolist(),
                 "peak_step": [int(w[0]) for w in where],
-                "bias": float(bf.bias),
-                "bias_loo": loo,
-                "bias_noise": float(bf.noise),
-                "bias_per_step": bias_step,
-                "fluctuation": np.asarray(bf.fluctuation).tolist(),
-                "fluctuation_per_step": fluct_step,
+                "bias": both["bias"],
+                "bias_loo": both["bias_loo"],
+                "bias_noise": both["bias_noise"],
+                "bias_per_step": both["bias_per_step"],
+                "fluctuation": both["fluctuation"],
+                "fluctuation_per_step": both["fluctuation_per_step"],
+                # each part alone (random z): the state x and the adjoint p
+                "state": _split((X,), (LX,)),
+                "adjoint": _split((Pp,), (LP,)),
                 "lemma6": lem.max(axis=0).tolist(),
                 "lemma6_per_step": lem.T.tolist(),
                 "lemma6_reference": lem_ref.tolist(),
@@ -535,8 +563,9 @@ class Condition:
             }
             log(
                 f"  L={L:3d} H={H:4d}: total {np.mean(total):.4g} "
-                f"(random z {np.mean(total_random):.4g}) bias {float(bf.bias):.4g} "
-                f"fluct {np.mean(bf.fluctuation):.4g} lemma6 {np.mean(lem.max(0)):.4g}"
+                f"(random z {np.mean(total_random):.4g}) bias {both['bias']:.4g} "
+                f"fluct {np.mean(both['fluctuation']):.4g} lemma6 {np.mean(lem.max(0)):.4g}; "
+                f"state alone: bias {out['points'][f'L{L}/H{H}']['state']['bias']:.4g}"
             )
         out["wall_seconds"] = time.perf_counter() - t0
         return out
@@ -647,30 +676,67 @@ def _fit(cov, per_init):
     return mfattn.power_law_fit(cov, per_init)
 
 
+PARTS = {"": None, "state_": "state", "adjoint_": "adjoint"}
+"""Prefixes of the fitted quantities: the state and adjoint together (the
+theorem's error), the state alone, the adjoint alone."""
+
+
+def _view(pt, prefix):
+    """A point's record for one part (`""`: both, `"state_"`, `"adjoint_"`)."""
+    return pt if PARTS[prefix] is None else pt[PARTS[prefix]]
+
+
 def _flags(pt, ref):
     """Which quantities of a point its reference error disqualifies (reference
-    above a fifth of the quantity at the step where the quantity peaks)."""
-    ref = np.maximum(np.asarray(ref["M_vs_4M"]), np.asarray(ref["J_vs_2J"]))
-    per_step = np.asarray(pt["per_step_random"]).mean(axis=0)
-    s = int(per_step.argmax())
-    bias_step = np.asarray(pt["bias_per_step"])
-    sb = int(bias_step.argmax())
+    above a fifth of the quantity at the step where the quantity peaks), for
+    the state and adjoint together and for each alone (each against the
+    reference error of its own part)."""
+    out = {}
+    for prefix, part in PARTS.items():
+        suffix = "" if part is None else f"_{part}"
+        r = np.maximum(np.asarray(ref["M_vs_4M" + suffix]), np.asarray(ref["J_vs_2J" + suffix]))
+        v = _view(pt, prefix)
+        per_step = np.asarray(v["per_step_random"]).mean(axis=0)
+        s = int(per_step.argmax())
+        bias_step = np.asarray(v["bias_per_step"])
+        sb = int(bias_step.argmax())
+        out[prefix + "total"] = bool(r[s] > per_step[s] / 5)
+        out[prefix + "bias"] = bool(r[sb] > bias_step[sb] / 5)
+        # the fluctuation is measured among initialisations: the limit plays no part
+        out[prefix + "fluctuation"] = False
+        out[prefix + "reference_at_peak"] = float(r[s])
+        out[prefix + "bias_resolved"] = bool(v["bias"] > 2 * v["bias_noise"])
     lem = np.asarray(pt["lemma6_per_step"]).mean(axis=0)
     sl = int(lem.argmax())
-    return {
-        "total": bool(ref[s] > per_step[s] / 5),
-        "bias": bool(ref[sb] > bias_step[sb] / 5),
-        # the fluctuation is measured among initialisations: the limit plays no part
-        "fluctuation": False,
-        "lemma6": bool(pt["lemma6_reference"][sl] > lem[sl] / 5),
-        "reference_at_peak": float(ref[s]),
-        "bias_resolved": bool(pt["bias"] > 2 * pt["bias_noise"]),
-    }
+    out["lemma6"] = bool(pt["lemma6_reference"][sl] > lem[sl] / 5)
+    return out
+
+
+def _bias_vs_L(P, keys):
+    """Slope of `log bias` on `log L` over `keys`, jackknifed with the
+    leave-one-out biases (`bias_loo`) of the records `P[k]`."""
+    Ls = np.array([P[k]["L"] for k in keys], float)
+    full = np.array([P[k]["bias"] for k in keys])
+    loo = np.array([P[k]["bias_loo"] for k in keys])  # (points, R)
+    R = loo.shape[1]
+
+    def slope(idx):
+        b = full if len(idx) == R else loo[:, np.setdiff1d(np.arange(R), idx)[0]]
+        return np.polyfit(np.log(Ls), np.log(b), 1)[0]
+
+    jk = mfattn.jackknife(slope, R)
+    return {"L": Ls.tolist(), "bias": full.tolist(), "slope": jk["estimate"], "slope_ci": jk["ci"]}
 
 
 def summarize(data):
-    """Fits from the per-condition results: `{"fits": ..., "reference": ...,
-    "displacement": ..., "table": ...}` (what the study's JSON adds)."""
+    """Fits from the per-condition results: `{"fits": ..., "marks": ...,
+    "reference": ..., "displacement": ...}` (what the study's JSON adds).
+
+    Every fit uses only the points whose reference error is below a fifth of
+    the fitted quantity, needs 4 initialisations (jackknife `t` intervals over
+    them) and more points than parameters. Fits are made for the state and
+    adjoint together (no prefix: the theorem's error, with the adversarial sup)
+    and for each alone (`state_`, `adjoint_`: random `z`)."""
     cfg, pts = data["config"], data["points"]
     fits, marks = {}, {}
     main = condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
@@ -679,6 +745,7 @@ def summarize(data):
         reference[cname] = c["reference"]
         displacement[cname] = c["displacement"]
         marks[cname] = {k: _flags(p, c["reference"]) for k, p in c["points"].items()}
+    enough = cfg["inits"] >= 4
     if main in pts:
         c = pts[main]
         P = c["points"]
@@ -686,105 +753,113 @@ def summarize(data):
         grid = list(P)
         Hmax = max(P[k]["H"] for k in grid)
         Lmax = max(P[k]["L"] for k in grid)
-        # bias against L at the largest H (jackknife over inits of the slope)
-        keys = [k for k in grid if P[k]["H"] == Hmax and ok(k, "bias")]
-        if len(keys) >= 2 and cfg["inits"] >= 4:
-            Ls = np.array([P[k]["L"] for k in keys], float)
-            full = np.array([P[k]["bias"] for k in keys])
-            loo = np.array([P[k]["bias_loo"] for k in keys])  # (points, R)
-            R = loo.shape[1]
-
-            def slope(idx):
-                b = full if len(idx) == R else loo[:, np.setdiff1d(np.arange(R), idx)[0]]
-                return np.polyfit(np.log(Ls), np.log(b), 1)[0]
-
-            jk = mfattn.jackknife(slope, R)
-            fits["bias_vs_L"] = {
-                "H": Hmax,
-                "L": Ls.tolist(),
-                "bias": full.tolist(),
-                "slope": jk["estimate"],
-                "slope_ci": jk["ci"],
-                "resolved": [marks[main][k]["bias_resolved"] for k in keys],
+        last = len(c["steps"]) - 1
+        for prefix in PARTS:
+            V = {k: _view(P[k], prefix) for k in grid}
+            # bias against L at the largest H (jackknife over inits of the slope)
+            keys = [k for k in grid if P[k]["H"] == Hmax and ok(k, prefix + "bias")]
+            if len(keys) >= 2 and enough:
+                V2 = {k: dict(V[k], L=P[k]["L"]) for k in keys}
+                fits[prefix + "bias_vs_L"] = dict(
+                    _bias_vs_L(V2, keys),
+                    H=Hmax,
+                    resolved=[marks[main][k][prefix + "bias_resolved"] for k in keys],
+                )
+            # `E = c L^a H^b`: the error (max over steps), the fluctuation (max
+            # over steps, at k = 0 and at the last step: the part training adds)
+            total = "total" if prefix == "" else "total_random"
+            quantities = {
+                "total": ("total", lambda v, t=total: v[t]),
+                "fluctuation": ("fluctuation", lambda v: v["fluctuation"]),
+                "fluctuation_k0": ("fluctuation", lambda v: v["fluctuation_per_step"][0]),
+                "fluctuation_kK": ("fluctuation", lambda v: v["fluctuation_per_step"][last]),
             }
-        for q, name in [("fluctuation", "fluctuation"), ("total", "total"), ("lemma6", "lemma6")]:
-            keys = [k for k in grid if ok(k, q if q != "total" else "total")]
-            if len(keys) >= 4:
-                cov = {"L": [P[k]["L"] for k in keys], "H": [P[k]["H"] for k in keys]}
-                f = _fit(cov, [P[k][q] for k in keys])
-                if f is not None:
-                    f["points_used"] = keys
-                    fits[f"{name}_vs_LH"] = f
-        keys = [k for k in grid if ok(k, "total")]
-        if len(keys) >= 5 and cfg["inits"] >= 4:
-            fits["total_combined"] = mfattn.combined_fit(
-                [P[k]["L"] for k in keys],
-                [P[k]["H"] for k in keys],
-                [P[k]["total"] for k in keys],
-                interval="jackknife",
-            )
-        for axis, fixed, var in [("L", "H", Hmax), ("H", "L", Lmax)]:
-            keys = [k for k in grid if P[k][fixed] == var and ok(k, "total")]
-            if len(keys) >= 2:
-                f = _fit({axis: [P[k][axis] for k in keys]}, [P[k]["total"] for k in keys])
-                if f is not None:
-                    fits[f"total_vs_{axis}"] = dict(f, at={fixed: var})
+            if prefix == "":  # Lemma 6 (zero at k = 0: all of it training's)
+                quantities["lemma6"] = ("lemma6", lambda v: v["lemma6"])
+            for name, (q, get) in quantities.items():
+                keys = [k for k in grid if ok(k, prefix + q if q != "lemma6" else q)]
+                if len(keys) >= 4:
+                    cov = {"L": [P[k]["L"] for k in keys], "H": [P[k]["H"] for k in keys]}
+                    f = _fit(cov, [get(V[k]) for k in keys])
+                    if f is not None:
+                        f["points_used"] = keys
+                        fits[f"{prefix}{name}_vs_LH"] = f
+            keys = [k for k in grid if ok(k, prefix + "total")]
+            if len(keys) >= 5 and enough:
+                fits[prefix + "total_combined"] = dict(
+                    mfattn.combined_fit(
+                        [P[k]["L"] for k in keys],
+                        [P[k]["H"] for k in keys],
+                        [V[k][total] for k in keys],
+                        interval="jackknife",
+                    ),
+                    points_used=keys,
+                )
+            for axis, fixed, var in [("L", "H", Hmax), ("H", "L", Lmax)]:
+                keys = [k for k in grid if P[k][fixed] == var and ok(k, prefix + "total")]
+                if len(keys) >= 2:
+                    f = _fit({axis: [P[k][axis] for k in keys]}, [V[k][total] for k in keys])
+                    if f is not None:
+                        fits[f"{prefix}total_vs_{axis}"] = dict(f, at={fixed: var})
         # the horizon: error per recorded step at every grid point
         fits["horizon"] = {
             k: {
                 "steps": c["steps"],
                 "per_step": [_mean_ci(col) for col in np.asarray(P[k]["per_step_random"]).T],
                 "bias_per_step": P[k]["bias_per_step"],
+                "state_per_step": [
+                    _mean_ci(col) for col in np.asarray(P[k]["state"]["per_step_random"]).T
+                ],
             }
             for k in grid
         }
-    # tokens (masked and unmasked) and dimension (per optimiser) sweeps
+    # tokens (masked and unmasked) and dimension (per optimiser) sweeps, at one
+    # grid point; each quantity uses the conditions its reference allows
     L, H = cfg["sweep_LH"]
     at = f"L{L}/H{H}"
+
+    def sweep(names, xs, q, get):
+        rows = [pts[n]["points"].get(at) if n in pts else None for n in names]
+        flag = [marks[n].get(at, {}) if n in pts else {} for n in names]
+        keep = [r is not None and not f.get(q, True) for r, f in zip(rows, flag)]
+        used = [x for x, k in zip(xs, keep) if k]
+        vals = [get(r) for r, k in zip(rows, keep) if k]
+        out = {
+            "x": used,
+            "excluded": [x for x, k, r in zip(xs, keep, rows) if r is not None and not k],
+            "values": [_mean_ci(v) for v in vals],
+        }
+        if len(used) >= 2:
+            out.update(_fit({"slope": used}, vals) or {})
+        return out
+
+    opt0 = cfg["optimizers"][0]
     for causal in (False, True):
-        ns = [
-            n
-            for n in cfg["n_sweep"]
-            if condition_name(cfg["dim"], n, cfg["optimizers"][0], causal) in pts
-        ]
-        rows = [
-            pts[condition_name(cfg["dim"], n, cfg["optimizers"][0], causal)]["points"].get(at)
-            for n in ns
-        ]
-        flag = [
-            marks[condition_name(cfg["dim"], n, cfg["optimizers"][0], causal)].get(at, {})
-            for n in ns
-        ]
-        keep = [r is not None and not f.get("total", True) for r, f in zip(rows, flag)]
-        excluded = [n for n, k in zip(ns, keep) if not k]
-        ns = [n for n, k in zip(ns, keep) if k]
-        rows = [r for r, k in zip(rows, keep) if k]
-        if len(ns) >= 2:
-            tag = "causal" if causal else "unmasked"
-            fits[f"total_vs_n_{tag}"] = dict(
-                _fit({"n": ns}, [r["total"] for r in rows]) or {},
-                x=ns,
-                excluded=excluded,
-                total=[_mean_ci(r["total"]) for r in rows],
-                bias=[r["bias"] for r in rows],
+        names = [condition_name(cfg["dim"], n, opt0, causal) for n in cfg["n_sweep"]]
+        if not any(n in pts for n in names):
+            continue
+        tag = "causal" if causal else "unmasked"
+        fits[f"total_vs_n_{tag}"] = {
+            prefix + "total": sweep(
+                names,
+                cfg["n_sweep"],
+                prefix + "total",
+                lambda r, p=prefix: _view(r, p)["total" if p == "" else "total_random"],
             )
+            for prefix in PARTS
+        }
     lemma6 = {}
     for opt in cfg["optimizers"]:
-        ds = [d for d in cfg["d_sweep"] if condition_name(d, cfg["tokens"], opt) in pts]
-        rows = [pts[condition_name(d, cfg["tokens"], opt)]["points"].get(at) for d in ds]
-        flag = [marks[condition_name(d, cfg["tokens"], opt)].get(at, {}) for d in ds]
-        keep = [r is not None and not f.get("lemma6", True) for r, f in zip(rows, flag)]
-        excluded = [d for d, k in zip(ds, keep) if not k]
-        ds = [d for d, k in zip(ds, keep) if k]
-        rows = [r for r, k in zip(rows, keep) if k]
-        if len(ds) >= 2:
-            lemma6[opt] = dict(
-                _fit({"d": ds}, [r["lemma6"] for r in rows]) or {},
-                x=ds,
-                excluded=excluded,
-                lemma6=[_mean_ci(r["lemma6"]) for r in rows],
-                total=[_mean_ci(r["total"]) for r in rows],
-                total_fit=_fit({"d": ds}, [r["total"] for r in rows]),
+        names = [condition_name(d, cfg["tokens"], opt) for d in cfg["d_sweep"]]
+        if not any(n in pts for n in names):
+            continue
+        lemma6[opt] = {"lemma6": sweep(names, cfg["d_sweep"], "lemma6", lambda r: r["lemma6"])}
+        for prefix in PARTS:
+            lemma6[opt][prefix + "total"] = sweep(
+                names,
+                cfg["d_sweep"],
+                prefix + "total",
+                lambda r, p=prefix: _view(r, p)["total" if p == "" else "total_random"],
             )
     if lemma6:
         fits["lemma6"] = lemma6
@@ -792,117 +867,203 @@ def summarize(data):
 
 
 # --- plots and text ------------------------------------------------------------------
+def _log_axes(ax, x=None, which="y"):
+    """Log axes whose ticks are plain numbers (`0.2`, `1`, `5`), not `2 x 10^-1`."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axes = [ax.yaxis] if which == "y" else [ax.xaxis, ax.yaxis]
+    for a in axes:
+        a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.set_major_formatter(fmt)
+        a.set_minor_locator(NullLocator())
+        a.set_minor_formatter(NullFormatter())
+    if x is not None:
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+
+
 def plot(data, out):
-    """One PNG per question next to `out`: `_LH` (error, bias, fluctuation,
-    Lemma 6 against L and H), `_horizon` (error against the training step),
-    `_n` (tokens, masked and not), `_d` (Lemma 6 against d per optimiser)."""
+    """One PNG per question next to `out`: `_LH` (how the error, its bias, its
+    fluctuation and the Lemma 6 distance fall with `L` at each `H`), `_LH_state`
+    (the same for the state alone), `_horizon` (does the error stay bounded in
+    the training step `k`), `_reference` (does the limit move more than its
+    own error), `_n` (does the error grow with the number of tokens, masked and
+    not), `_d` (does the Lemma 6 distance grow with `d`, per optimiser). Open
+    markers: points that the limit's own error disqualifies (excluded from the
+    fits)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg, pts, fits = data["config"], data["points"], data["fits"]
+    cfg, pts, fits, marks = data["config"], data["points"], data["fits"], data["marks"]
     main = condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
     out = pathlib.Path(out)
+    name = lambda suffix: out.with_name(out.stem + suffix)
+    R = cfg["inits"]
     if main in pts:
-        P = pts[main]["points"]
+        P, mk = pts[main]["points"], marks[main]
         ref = pts[main]["reference"]
-        refmax = max(max(ref["M_vs_4M"]), max(ref["J_vs_2J"]))
-        fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+        own = lambda part="": np.maximum(ref["M_vs_4M" + part], ref["J_vs_2J" + part])
         Hs = sorted({p["H"] for p in P.values()})
-        for ax, q, title in [
-            (axes[0], "total", "error (sup over z, adversarial)"),
-            (axes[1], "bias", "bias (error of the mean over inits)"),
-            (axes[2], "fluctuation", "fluctuation"),
-            (axes[3], "lemma6", "Lemma 6: max |theta - theta~|"),
+        x = np.array(sorted({p["L"] for p in P.values()}), float)
+        for prefix, suffix, panels, what in [
+            (
+                "",
+                "_LH.png",
+                [
+                    ("total", "error (sup over z, adversarial)"),
+                    ("bias", "bias (error of the mean over inits)"),
+                    ("fluctuation", "fluctuation (distance to that mean)"),
+                    ("lemma6", "Lemma 6: max |theta - theta~|"),
+                ],
+                "state and adjoint, |x - x_lim| + |p - p_lim|",
+            ),
+            (
+                "state_",
+                "_LH_state.png",
+                [
+                    ("total_random", "error of the state (random z)"),
+                    ("bias", "bias of the state"),
+                    ("fluctuation", "fluctuation of the state"),
+                ],
+                "the state alone, |x - x_lim|",
+            ),
         ]:
-            for i, H in enumerate(Hs):
-                ks = sorted((k for k in P if P[k]["H"] == H), key=lambda k: P[k]["L"])
-                Ls = [P[k]["L"] for k in ks]
-                if q == "bias":
-                    y = [P[k]["bias"] for k in ks]
-                    ax.plot(Ls, y, "o-", color=f"C{i}", label=f"H = {H}")
-                else:
-                    m = [np.mean(P[k][q]) for k in ks]
-                    ax.plot(Ls, m, "o-", color=f"C{i}", label=f"H = {H}")
-                    for L, k in zip(Ls, ks):
-                        ax.plot([L] * len(P[k][q]), P[k][q], ".", color=f"C{i}", alpha=0.3)
-            if q != "lemma6":
-                ax.axhline(refmax, color="k", lw=0.8, ls=":", label="limit's own error (max)")
-            x = np.array(sorted({p["L"] for p in P.values()}), float)
-            y0 = ax.get_lines()[0].get_ydata()[0]
-            ax.plot(x, y0 * (x / x[0]) ** -1.0, "k--", lw=0.8, label="1/L")
-            ax.plot(x, y0 * (x / x[0]) ** -0.5, "k-.", lw=0.8, label="L^-1/2")
-            ax.set(xscale="log", yscale="log", xlabel="depth L", title=title)
-            ax.set_xticks(x, [str(int(v)) for v in x])
-            ax.minorticks_off()
-            ax.legend(fontsize=7)
-        fig.suptitle(
-            f"{main}: {cfg['inits']} initialisations, K = {cfg['steps']} steps", fontsize=10
-        )
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.4))
+            for ax, (q, title) in zip(axes, panels):
+                flag = "total" if q == "total_random" else q
+                flag = flag if q == "lemma6" else prefix + flag
+                for i, H in enumerate(Hs):
+                    ks = sorted((k for k in P if P[k]["H"] == H), key=lambda k: P[k]["L"])
+                    V = [P[k] if q == "lemma6" else _view(P[k], prefix) for k in ks]
+                    Ls = [P[k]["L"] for k in ks]
+                    y = [v["bias"] if q == "bias" else np.mean(v[q]) for v in V]
+                    ax.plot(Ls, y, "-", color=f"C{i}", label=f"H = {H}")
+                    for L, k, v, yy in zip(Ls, ks, V, y):
+                        ax.plot(L, yy, "o", color=f"C{i}", mfc="none" if mk[k][flag] else f"C{i}")
+                        if q != "bias":
+                            ax.plot([L] * len(v[q]), v[q], ".", color=f"C{i}", alpha=0.3)
+                if q != "lemma6" and q != "fluctuation":
+                    part = "" if prefix == "" else "_state"
+                    ax.axhline(
+                        own(part).max(), color="k", lw=0.8, ls=":", label="limit's own error"
+                    )
+                y0 = ax.get_lines()[0].get_ydata()[0]
+                ax.plot(x, y0 * (x / x[0]) ** -1.0, "k--", lw=0.8, label="slope 1/L")
+                ax.plot(x, y0 * (x / x[0]) ** -0.5, "k-.", lw=0.8, label="slope L^-1/2")
+                ax.set(xscale="log", yscale="log", xlabel="depth L", title=title)
+                _log_axes(ax, x)
+                ax.legend(fontsize=7)
+            axes[0].set_ylabel("mean over initialisations (dots: each)")
+            fig.suptitle(
+                f"{main}, {what}: {R} initialisations, K = {cfg['steps']} training steps; "
+                "open markers: excluded (the limit's own error is above a fifth)",
+                fontsize=10,
+            )
+            fig.tight_layout()
+            fig.savefig(name(suffix), dpi=100)
+            plt.close(fig)
+        # the horizon: the error against the training step, per grid point
+        steps = np.asarray(pts[main]["steps"])
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+        for ax, key, part, title in [
+            (axes[0], "per_step", "", "state and adjoint"),
+            (axes[1], "state_per_step", "_state", "the state alone"),
+        ]:
+            for i, (k, h) in enumerate(fits.get("horizon", {}).items()):
+                m = np.array([e["mean"] for e in h[key]])
+                ax.plot(steps, m, "o-", color=f"C{i % 10}", label=k.replace("/", ", "))
+                if all(e["ci"] for e in h[key]):
+                    lo = np.maximum([e["ci"][0] for e in h[key]], 0.5 * m)
+                    hi = [e["ci"][1] for e in h[key]]
+                    ax.fill_between(steps, lo, hi, color=f"C{i % 10}", alpha=0.12)
+            ax.plot(steps, own(part), "k:", label="limit's own error")
+            ax.set(yscale="log", xlabel="training step k", title=title)
+            _log_axes(ax)
+            ax.set_xticks(steps)
+            ax.legend(fontsize=7, ncol=2)
+        axes[0].set_ylabel(f"error, mean over {R} inits (random z)")
+        fig.suptitle("does the error stay bounded in the training step k?", fontsize=10)
         fig.tight_layout()
-        fig.savefig(out.with_name(out.stem + "_LH.png"), dpi=100)
+        fig.savefig(name("_horizon.png"), dpi=100)
         plt.close(fig)
-        # horizon
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        steps = pts[main]["steps"]
-        for i, (k, h) in enumerate(fits.get("horizon", {}).items()):
-            m = [e["mean"] for e in h["per_step"]]
-            ax[0].plot(steps, m, "o-", color=f"C{i % 10}", label=k)
-        ax[0].plot(
-            steps, np.maximum(ref["M_vs_4M"], ref["J_vs_2J"]), "k:", label="limit's own error"
-        )
-        ax[0].set(
+        # the reference: the limit's displacement against its own error
+        fig, ax = plt.subplots(figsize=(7.5, 4.4))
+        disp = np.asarray(pts[main]["displacement"], float)
+        ax.plot(steps[1:], disp[1:], "o-", color="C0", label="displacement max_z |z_k(1) - z_0(1)|")
+        for part, ls, lab in [("_state", "-", "x"), ("", ":", "x and p")]:
+            for key, mkr, c, what in [
+                ("M_vs_4M", "s", "C1", "M vs 4M"),
+                ("J_vs_2J", "^", "C2", "J vs 2J"),
+            ]:
+                ax.plot(
+                    steps, ref[key + part], mkr + ls, color=c, label=f"own error ({lab}), {what}"
+                )
+        ax.set(
             yscale="log",
             xlabel="training step k",
-            ylabel="mean error (random z)",
-            title="error against the training step",
+            title=f"does the limit move more than its own error? (J = {ref['nodes']}, "
+            f"M = {ref['particles']})",
         )
-        ax[0].legend(fontsize=6, ncol=2)
-        ax[1].plot(
-            steps,
-            pts[main]["displacement"],
-            "o-",
-            label="limit displacement max_z |z_k(1) - z_0(1)|",
-        )
-        ax[1].plot(steps, ref["M_vs_4M"], "s--", label="M vs 4M")
-        ax[1].plot(steps, ref["J_vs_2J"], "^--", label="J vs 2J")
-        ax[1].set(yscale="log", xlabel="training step k", title="the limit moves; its own error")
-        ax[1].legend(fontsize=7)
+        _log_axes(ax)
+        ax.set_xticks(steps)
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out.with_name(out.stem + "_horizon.png"), dpi=100)
+        fig.savefig(name("_reference.png"), dpi=100)
         plt.close(fig)
+
+    def sweep_panel(ax, f, label, marker, color):
+        if not f or not f["x"]:
+            return
+        y = np.array([t["mean"] for t in f["values"]])
+        lab = f"{label}: slope {_ci(f, 'slope')}" if "slope_ci" in f else label
+        ax.plot(f["x"], y, marker + "-", color=color, label=lab)
+        if all(t["ci"] for t in f["values"]):
+            err = np.abs(np.array([t["ci"] for t in f["values"]]).T - y)
+            ax.errorbar(f["x"], y, yerr=err, fmt="none", capsize=3, color=color)
+
     if any(k.startswith("total_vs_n_") for k in fits):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for tag, mk in [("unmasked", "o"), ("causal", "s")]:
-            f = fits.get(f"total_vs_n_{tag}")
-            if f:
-                ax.plot(f["x"], [t["mean"] for t in f["total"]], mk + "-", label=tag)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="tokens n",
-            ylabel="mean error",
-            title=f"error against n at (L, H) = {tuple(cfg['sweep_LH'])}",
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+        for ax, q, title in [
+            (axes[0], "total", "state and adjoint (adversarial sup)"),
+            (axes[1], "state_total", "the state alone (random z)"),
+        ]:
+            for i, tag in enumerate(("unmasked", "causal")):
+                f = fits.get(f"total_vs_n_{tag}", {}).get(q)
+                sweep_panel(ax, f, tag, "os"[i], f"C{i}")
+            ax.set(xscale="log", yscale="log", xlabel="tokens n", title=title)
+            _log_axes(ax, cfg["n_sweep"])
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel(f"error, mean over {R} inits")
+        fig.suptitle(
+            f"does the error grow with n? (L, H) = {tuple(cfg['sweep_LH'])}; "
+            "points the limit's own error disqualifies are left out",
+            fontsize=10,
         )
-        ax.set_xticks(cfg["n_sweep"], [str(n) for n in cfg["n_sweep"]])
-        ax.minorticks_off()
-        ax.legend()
         fig.tight_layout()
-        fig.savefig(out.with_name(out.stem + "_n.png"), dpi=100)
+        fig.savefig(name("_n.png"), dpi=100)
         plt.close(fig)
     if "lemma6" in fits:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for i, (opt, f) in enumerate(fits["lemma6"].items()):
-            ax[0].plot(f["x"], [t["mean"] for t in f["lemma6"]], "o-", color=f"C{i}", label=opt)
-            ax[1].plot(f["x"], [t["mean"] for t in f["total"]], "o-", color=f"C{i}", label=opt)
-        for a, t in [(ax[0], "Lemma 6: max |theta - theta~|"), (ax[1], "error (RMS variables)")]:
-            a.set(xscale="log", yscale="log", xlabel="dimension d", title=t)
-            a.set_xticks(cfg["d_sweep"], [str(d) for d in cfg["d_sweep"]])
-            a.minorticks_off()
-            a.legend(fontsize=8)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+        for ax, q, title in [
+            (axes[0], "lemma6", "Lemma 6: max |theta - theta~|"),
+            (axes[1], "state_total", "error of the state (random z)"),
+        ]:
+            for i, (opt, f) in enumerate(fits["lemma6"].items()):
+                sweep_panel(ax, f.get(q), opt, "o", f"C{i}")
+            ax.set(xscale="log", yscale="log", xlabel="dimension d (RMS-normalised)", title=title)
+            _log_axes(ax, cfg["d_sweep"])
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel(f"mean over {R} inits")
+        fig.suptitle(
+            f"does Lemma 6 (and the error) grow with d, per optimiser? (L, H) = "
+            f"{tuple(cfg['sweep_LH'])}; points the limit's own error disqualifies are left out",
+            fontsize=10,
+        )
         fig.tight_layout()
-        fig.savefig(out.with_name(out.stem + "_d.png"), dpi=100)
+        fig.savefig(name("_d.png"), dpi=100)
         plt.close(fig)
 
 
@@ -921,53 +1082,80 @@ def report(data) -> str:
     for name, c in pts.items():
         r = c["reference"]
         lines.append(
-            f"{name}: limit displacement {max(c['displacement']):.3g}; own error M vs 4M "
-            f"{max(r['M_vs_4M']):.3g}, J vs 2J {max(r['J_vs_2J']):.3g}"
+            f"{name}: limit displacement {max(c['displacement']):.3g}; own error (x and p) "
+            f"M vs 4M {max(r['M_vs_4M']):.3g}, J vs 2J {max(r['J_vs_2J']):.3g}; (x alone) "
+            f"{max(r['M_vs_4M_state']):.3g}, {max(r['J_vs_2J_state']):.3g}"
         )
-    if "bias_vs_L" in fits:
-        f = fits["bias_vs_L"]
+    main = condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
+    if main in data.get("marks", {}):
+        m = data["marks"][main]
+        for prefix, what in [("", "x and p"), ("state_", "x alone")]:
+            out = {q: sum(v[prefix + q] for v in m.values()) for q in ("total", "bias")}
+            lines.append(
+                f"{main} ({what}): of {len(m)} grid points, excluded by the limit's own error "
+                f"(above a fifth of the quantity): error {out['total']}, bias {out['bias']}; "
+                f"bias above twice its noise at "
+                f"{sum(v[prefix + 'bias_resolved'] for v in m.values())}"
+            )
         lines.append(
-            f"bias vs L (H = {f['H']}): slope {f['slope']:+.2f} "
-            f"[{f['slope_ci'][0]:+.2f}, {f['slope_ci'][1]:+.2f}]"
+            f"Lemma 6: excluded at {sum(v['lemma6'] for v in m.values())} of {len(m)}. Fits "
+            "need 4 usable points (2 for the bias against L) and 4 initialisations; a fit "
+            "not printed is one the data cannot support"
         )
-    for k in ("fluctuation_vs_LH", "total_vs_LH", "lemma6_vs_LH"):
-        if k in fits:
-            lines.append(f"{k}: L {_ci(fits[k], 'L')}, H {_ci(fits[k], 'H')}")
-    for k in ("total_vs_n_unmasked", "total_vs_n_causal"):
-        if k in fits and "n_ci" in fits[k]:
-            lines.append(f"{k}: slope in n {_ci(fits[k], 'n')}")
-    for opt, f in fits.get("lemma6", {}).items():
-        if "d_ci" in f:
-            lines.append(f"lemma6 vs d ({opt}): slope {_ci(f, 'd')}")
+    for prefix in PARTS:
+        if prefix + "bias_vs_L" in fits:
+            f = fits[prefix + "bias_vs_L"]
+            lines.append(
+                f"{prefix}bias vs L (H = {f['H']}, L = {f['L']}): slope {f['slope']:+.2f} "
+                f"[{f['slope_ci'][0]:+.2f}, {f['slope_ci'][1]:+.2f}]"
+            )
+        for q in ("total", "fluctuation", "fluctuation_k0", "fluctuation_kK", "lemma6"):
+            k = f"{prefix}{q}_vs_LH"
+            if k in fits:
+                lines.append(f"{k}: L {_ci(fits[k], 'L')}, H {_ci(fits[k], 'H')}")
+    for tag in ("unmasked", "causal"):
+        for q, f in fits.get(f"total_vs_n_{tag}", {}).items():
+            if "slope_ci" in f:
+                lines.append(f"{q} vs n ({tag}, n = {f['x']}): slope {_ci(f, 'slope')}")
+    for opt, g in fits.get("lemma6", {}).items():
+        for q, f in g.items():
+            if "slope_ci" in f:
+                lines.append(f"{q} vs d ({opt}, d = {f['x']}): slope {_ci(f, 'slope')}")
     return "\n".join(lines)
 
 
 def table(data) -> str:
     """The main grid as Markdown: mean (t interval) of the error, bias,
-    fluctuation and Lemma 6 distance per `(L, H)`."""
+    fluctuation and Lemma 6 distance per `(L, H)`, and the state's alone."""
     cfg, pts = data["config"], data["points"]
     main = condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
     if main not in pts:
         return "(the main condition has not run)"
     P, marks = pts[main]["points"], data["marks"][main]
     fmt = lambda x: (
-        f"{x['mean']:.4f} [{x['ci'][0]:.4f}, {x['ci'][1]:.4f}]" if x["ci"] else f"{x['mean']:.4f}"
+        f"{x['mean']:.3g} [{x['ci'][0]:.3g}, {x['ci'][1]:.3g}]" if x["ci"] else f"{x['mean']:.3g}"
     )
     lines = [
         f"Main condition `{main}`, {cfg['inits']} initialisations, K = {cfg['steps']} steps "
         "(95 % t intervals over initialisations; * = excluded from fits: the limit's own error "
-        "is above a fifth of the quantity):",
+        "is above a fifth of the quantity; (noise): bias below twice its Monte-Carlo noise):",
         "",
-        "| L | H | error (adversarial sup) | bias | fluctuation | Lemma 6 |",
-        "| --: | --: | --: | --: | --: | --: |",
+        "| L | H | error x+p (adversarial sup) | bias x+p | fluctuation x+p | "
+        "error x (random z) | bias x | fluctuation x | Lemma 6 |",
+        "| --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ]
     for k, p in sorted(P.items(), key=lambda kv: (kv[1]["L"], kv[1]["H"])):
         m = marks[k]
         star = lambda q, m=m: "*" if m[q] else ""
+        noise = lambda q, m=m: "" if m[q] else " (noise)"
+        s = p["state"]
         lines.append(
             f"| {p['L']} | {p['H']} | {fmt(_mean_ci(p['total']))}{star('total')} | "
-            f"{p['bias']:.4f}{star('bias')}{'' if m['bias_resolved'] else ' (noise)'} | "
-            f"{fmt(_mean_ci(p['fluctuation']))}{star('fluctuation')} | "
+            f"{p['bias']:.3g}{star('bias')}{noise('bias_resolved')} | "
+            f"{fmt(_mean_ci(p['fluctuation']))} | "
+            f"{fmt(_mean_ci(s['total_random']))}{star('state_total')} | "
+            f"{s['bias']:.3g}{star('state_bias')}{noise('state_bias_resolved')} | "
+            f"{fmt(_mean_ci(s['fluctuation']))} | "
             f"{fmt(_mean_ci(p['lemma6']))}{star('lemma6')} |"
         )
     return "\n".join(lines)
