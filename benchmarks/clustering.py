@@ -49,9 +49,9 @@ FULL = dict(
         betas=[2.0, 5.0, 10.0, 20.0, 40.0, 80.0],
         seeds=4,
         horizon=1e3,
-        link=1e-3,
+        link=float(np.pi / 256),  # half the mean initial spacing
         min_mass=0.02,
-        amplitude=0.5,
+        first_plateau="after formation (90 % of the mass in clusters)",
         tol=1e-6,
     ),
 )
@@ -72,9 +72,9 @@ QUICK = dict(
         betas=[2.0, 5.0, 10.0, 20.0],
         seeds=2,
         horizon=1e3,
-        link=1e-3,
+        link=float(np.pi / 128),
         min_mass=0.02,
-        amplitude=0.5,
+        first_plateau="after formation (90 % of the mass in clusters)",
         tol=1e-6,
     ),
 )
@@ -217,27 +217,30 @@ def run_circle(cfg, key_args):
     ts = jnp.concatenate([jnp.zeros(1), jnp.logspace(-1, np.log10(cfg["horizon"]), 121)])
     x0 = uniform_sphere(seed_key("circle", int(beta * 100), seed), n, 2)
     xs = flow(x0, beta, ts, cfg["tol"])
-    # linear phase: the dominant Fourier mode when the perturbation becomes O(1)
-    modes = np.arange(1, int(4 * np.sqrt(beta)) + 9)
-    amp = np.asarray(jax.vmap(lambda x: mfattn.circle_fourier_modes(x, modes))(xs))
-    big = np.flatnonzero(amp.max(-1) >= cfg["amplitude"])
-    i_lin = int(big[0]) if big.size else None
-    # nonlinear outcome: clusters (mass > min_mass) on the first plateau
-    counts = np.asarray(
-        jax.vmap(lambda x: mfattn.count_clusters(x, tol=cfg["link"], min_mass=cfg["min_mass"]))(xs)
-    )
+
+    # clusters of mass > min_mass; formation: when they hold 90 % of the mass
+    def count_and_mass(x):
+        labels = mfattn.cluster_labels(x, tol=cfg["link"])
+        mass = jax.ops.segment_sum(jnp.full((n,), 1.0 / n), labels, num_segments=n)
+        big = mass > cfg["min_mass"]
+        return jnp.sum(big), jnp.sum(jnp.where(big, mass, 0.0))
+
+    counts, covered = map(np.asarray, jax.vmap(count_and_mass)(xs))
+    formed = np.flatnonzero(covered >= 0.9)
+    t_form = float(ts[formed[0]]) if formed.size else None
     plateaus = mfattn.metastable_plateaus(
         np.asarray(ts[1:]), counts[1:], min_duration=float(np.log(3)), log_time=True
     )
-    plateaus = [p for p in plateaus if p.num_clusters > 0]
+    # the first plateau that lasts past the formation time
+    plateaus = [p for p in plateaus if t_form is not None and p.end >= t_form]
     return dict(
         beta=beta,
         seed=seed,
         predicted=mfattn.predicted_cluster_count(beta),
-        dominant_mode=None if i_lin is None else int(modes[np.argmax(amp[i_lin])]),
-        linear_time=None if i_lin is None else float(ts[i_lin]),
+        formation_time=t_form,
         first_plateau=None if not plateaus else plateaus[0]._asdict(),
         final_count=int(counts[-1]),
+        covered=covered.tolist(),
         ts=np.asarray(ts).tolist(),
         counts=counts.tolist(),
     )
@@ -314,14 +317,12 @@ def summarise(data, cfg):
             r = [x for x in rows["circle"] if x["beta"] == b]
             if not r:
                 continue
-            dom = [x["dominant_mode"] for x in r if x["dominant_mode"] is not None]
             first = [x["first_plateau"]["num_clusters"] for x in r if x["first_plateau"]]
             table.append(
                 dict(
                     beta=b,
                     predicted=r[0]["predicted"],
                     seeds=len(r),
-                    dominant_mode=dom,
                     first_plateau=first,
                     first_plateau_mean=float(np.mean(first)) if first else None,
                     first_plateau_sd=float(np.std(first, ddof=1)) if len(first) > 1 else None,
@@ -370,15 +371,14 @@ def tables(summary, cfg):
         out.append("")
     if "circle" in summary:
         out.append(
-            "| beta | k* (fastest-growing mode) | dominant mode at amplitude "
-            f"{cfg['circle']['amplitude']:g} | clusters on the first plateau | mean ± sd "
-            "| at the horizon |"
+            "| beta | k* (fastest-growing mode) | clusters on the first plateau (per seed) "
+            "| mean ± sd | at the horizon |"
         )
-        out.append("| --: | --: | --- | --- | --- | --- |")
+        out.append("| --: | --: | --- | --- | --- |")
         for r in summary["circle"]:
             sd = "" if r["first_plateau_sd"] is None else f" ± {r['first_plateau_sd']:.1f}"
             out.append(
-                f"| {r['beta']:g} | {r['predicted']} | {r['dominant_mode']} | {r['first_plateau']}"
+                f"| {r['beta']:g} | {r['predicted']} | {r['first_plateau']}"
                 f" | {r['first_plateau_mean']:.1f}{sd} | {r['final']} |"
             )
     return "\n".join(out)
@@ -394,6 +394,7 @@ def plots(data, cfg, stem):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     s = summarise(data, cfg)
     if "time" in s:
@@ -415,7 +416,7 @@ def plots(data, cfg, stem):
             ylim=(None, 3 * c["horizon"]),
             xlabel="β (dotted: β = log n)",
             ylabel=f"time to one cluster (diameter ≤ {c['diameter']:g} rad)",
-            title="Time to one cluster: dots per seed, ▲ not clustered by the horizon",
+            title="Time to one cluster (dots: seeds; ▲: not by the horizon)",
         )
         ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
@@ -460,27 +461,20 @@ def plots(data, cfg, stem):
         )
         ax.plot(grid, np.sqrt(2 * grid), "k:", lw=1, label="sqrt(2β)")
         for x in r:
-            jit = 1.04
             ax.scatter(
-                np.full(len(x["dominant_mode"]), x["beta"] / jit),
-                x["dominant_mode"],
-                color="C0",
-                s=18,
+                np.full(len(x["first_plateau"]), x["beta"]), x["first_plateau"], color="C0", s=18
             )
-            ax.scatter(
-                np.full(len(x["first_plateau"]), x["beta"] * jit),
-                x["first_plateau"],
-                color="C1",
-                s=18,
-            )
-        ax.scatter([], [], color="C0", s=18, label="dominant Fourier mode (one dot per seed)")
-        ax.scatter([], [], color="C1", s=18, label="clusters on the first plateau (per seed)")
+        ax.scatter(
+            [], [], color="C0", s=18, label="clusters on the first plateau (one dot per seed)"
+        )
         ax.set(
             xscale="log",
             xlabel="β",
             ylabel="number of clusters",
             title=f"Emerging clusters on the circle, n = {cfg['circle']['n']}",
         )
+        ax.set_xticks(b, [f"{v:g}" for v in b])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_circle.png", dpi=120)

@@ -18,18 +18,22 @@ model's outputs (`mfattn.ProbeRisk`, `mfattn.tangent_kernel`):
    kernel's eigenpairs, the bound `R(0) exp(-2 lambda_min s / N)`, the measured
    tail rate against `2 lambda_min / N`, and for a dependent set the predicted
    plateau (the part of `r_0` in the kernel's near-null space);
-3. *larger initial losses*: how often the flow still reaches `R(s1) < tol R(0)`
-   as `eps` grows, within the horizon `s1 = 2 s*`, twice the time
-   `s* = log(1/tol) N / (2 lambda_min)` the initial kernel predicts.
+3. *larger initial losses*: how often the flow still reaches `R < tol R(0)`
+   as `eps` grows, within the horizon `2 s*`, twice the time
+   `s* = log(1/tol) N / (2 lambda_min)` the initial kernel predicts (a Diffrax
+   event stops it there), and the time it takes against `s*`.
 
 The horizon of every flow is `2 s*` from its own initial kernel (the flows on a
 dependent set use the horizon of the independent set with the same
-initialisation).
+initialisation). The flows from a small loss stop at `R < 1e-10 R(0)`, below
+the window `1e-8 < R / R(0) < 1e-3` where the tail rate is fitted.
 
     python -m benchmarks.gradient_flow [--quick] [--resume]
 
 Writes `benchmarks/results/gradient_flow[_quick].json` and three PNGs next to
-it. `--resume` keeps the sections already in the JSON.
+it. `--resume` keeps the sections already in the JSON, and the runs of the
+large section (which resumes run by run: raising `large_seeds` or adding to
+`eps_large` only adds runs).
 """
 
 import argparse
@@ -72,7 +76,7 @@ PRESETS = {
         flow_seeds=5,
         eps_small=0.05,
         eps_large=[0.05, 0.2, 0.5, 1.0, 2.0, 5.0],
-        large_seeds=8,
+        large_seeds=16,
         horizon=2.0,
         num_saves=49,
         rtol=1e-7,
@@ -131,6 +135,11 @@ def training_sets(cfg, key=jax.random.key(0)):
         "translates": batch(base + 0.7 * jax.random.normal(k3, (N, 1, d))),
         "diracs": batch(jnp.broadcast_to(jax.random.normal(k4, (N, 1, d)), (N, n, d))),
     }
+
+
+# keys of the configuration that a resumed run may change: the large section
+# resumes run by run, so more seeds or initial losses only add runs
+GROWABLE = ("eps_large", "large_seeds")
 
 
 # ------------------------------------------------------------ 1. criterion
@@ -257,6 +266,13 @@ def kernel_summary(cfg, rows):
             ]
             if len(pts) < 4:
                 continue
+            top = max(
+                max(r["eigenvalues"])
+                for r in rows
+                if r["model"] == "discrete" and r["set"] == name and r["blocks"] == blocks
+            )
+            if max(abs(v) for *_, v in pts) < 1e-12 * top:
+                continue  # zero to rounding at every size (Diracs): nothing to fit
             A = np.array([[1.0, math.log(L), math.log(H)] for L, H, _ in pts])
             y = np.log(np.array([v for *_, v in pts]))
             coef, res, *_ = np.linalg.lstsq(A, y, rcond=None)
@@ -288,8 +304,19 @@ def _outputs(model, meas, z):
     return jax.vmap(lambda m: mfattn.probe_outputs(model, m, z))(meas)
 
 
-def _flow(model, risk, cfg, s1, rtol, atol):
-    # log-spaced to s1 / 2, then evenly spaced (the tail rate is fitted there)
+class RiskBelow(eqx.Module):
+    """Event condition: the risk is below `threshold`."""
+
+    model: mfattn.AbstractModel
+    risk: mfattn.AbstractRisk
+    threshold: jax.Array
+
+    def __call__(self, s, params, args, **kwargs):
+        return self.risk(self.model.with_params(params)) < self.threshold
+
+
+def _flow(model, risk, cfg, s1, rtol, atol, stop):
+    # log-spaced to s1 / 2, then evenly spaced (denser in the exponential tail)
     head = jnp.logspace(-2, math.log10(s1 / 2), cfg["num_saves"] - 9)
     ss = jnp.concatenate([jnp.zeros(1), head, jnp.linspace(s1 / 2, s1, 9)[1:]])
     return mfattn.gradient_flow(
@@ -300,17 +327,27 @@ def _flow(model, risk, cfg, s1, rtol, atol):
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=200_000,
         throw=False,
+        event=diffrax.Event(RiskBelow(model, risk, jnp.asarray(stop))),
     )
 
 
-def _tail_rate(ss, R):
-    """Slope of `-log R` over the second half of `[0, s1]` (least squares),
-    above rounding (`R > 1e-12 R(0)`)."""
+def _tail_rate(ss, R, s_end=np.inf):
+    """Slope of `-log R` where `1e-8 < R / R(0) < 1e-3` (least squares): past
+    the fast modes, above the floor the solver's tolerance leaves near the
+    minimum, before the flow was stopped. `None` when fewer than three saved
+    points are in that window."""
     ss, R = np.asarray(ss), np.asarray(R)
-    sel = (ss >= ss[-1] / 2) & (R > 1e-12 * R[0])
+    sel = (R < 1e-3 * R[0]) & (R > 1e-8 * R[0]) & (ss <= s_end)
     if sel.sum() < 3:
         return None
     return float(-scipy.stats.linregress(ss[sel], np.log(R[sel])).slope)
+
+
+def _result_name(result):
+    for name in ("successful", "event_occurred", "max_steps_reached"):
+        if result == getattr(diffrax.RESULTS, name):
+            return name
+    return str(result)
 
 
 def horizon(cfg, lam_min):
@@ -318,9 +355,10 @@ def horizon(cfg, lam_min):
     return cfg["horizon"] * math.log(1 / cfg["reach_tol"]) * cfg["N"] / (2 * lam_min)
 
 
-def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=True):
+def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, stop_ratio, with_end_kernel=True):
     """One flow of the probe risk from `y = Phi(theta_0) + eps delta`, to `s1`
-    (`None`: the horizon of its own initial kernel)."""
+    (`None`: the horizon of its own initial kernel), stopped once
+    `R < stop_ratio R(0)` (later saves hold the stopped state)."""
     N = cfg["N"]
     out0 = _outputs(model, meas, z)
     delta = jax.random.normal(key, out0.shape, out0.dtype)
@@ -332,8 +370,10 @@ def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=
     coef = U.T @ r0
     if s1 is None:
         s1 = horizon(cfg, lam[0])
-    sol = _flow(model, risk, cfg, s1, rtol, atol)
+    R0 = float(jnp.sum(r0**2) / (2 * N))
+    sol = _flow(model, risk, cfg, s1, rtol, atol, stop_ratio * R0)
     ss, R = np.asarray(sol.ss), np.asarray(sol.risk)
+    stopped = sol.result == diffrax.RESULTS.event_occurred
     R_lin = np.array([np.sum(coef**2 * np.exp(-2 * lam * s / N)) / (2 * N) for s in ss])
     row = dict(
         eps=eps,
@@ -344,11 +384,15 @@ def one_flow(model, meas, z, eps, key, cfg, nb, s1, rtol, atol, with_end_kernel=
         lambda_min_0=float(lam[0]),
         eigenvalues_0=_list(lam),
         predicted_rate_0=float(2 * lam[0] / N),
-        tail_rate=_tail_rate(ss, R),
+        tail_rate=_tail_rate(ss, R, float(sol.s_end)),
         tail_rate_linearised=_tail_rate(ss, R_lin),
         final_ratio=float(R[-1] / R[0]),
         num_steps=int(sol.stats["num_steps"]),
-        result=str(sol.result),
+        result=_result_name(sol.result),
+        stopped=bool(stopped),
+        s_end=float(sol.s_end),
+        stop_ratio=stop_ratio,
+        predicted_time_to_tol=float(horizon(cfg, lam[0]) / cfg["horizon"]),
         dissipation_end=float(sol.dissipation[-1]),
     )
     if nb:
@@ -387,6 +431,7 @@ def section_flows(cfg, sets):
                 s1,
                 cfg["rtol"],
                 cfg["atol"],
+                1e-10,  # below the window of the tail fit
             )
             if name == "generic":  # the dependent set's flow runs as long
                 s1, unit = row["s1"], row["predicted_rate_0"]
@@ -402,12 +447,16 @@ def section_flows(cfg, sets):
     return rows
 
 
-def section_large(cfg, sets):
+def section_large(cfg, sets, rows, save):
+    """Resumable run by run: `rows` holds the runs already done; `save()`
+    writes them after every new one."""
     z = jnp.asarray([cfg["probe"]])
-    rows = []
     L, H, d, k = cfg["flow_L"], cfg["flow_H"], cfg["d"], cfg["k"]
+    done = {(r["eps"], r["seed"]) for r in rows}
     for eps in cfg["eps_large"]:
         for seed in range(cfg["large_seeds"]):
+            if (eps, seed) in done:
+                continue
             params = mfattn.AttentionParams.xavier_uniform(jax.random.key(500 + seed), L, H, d, k)
             model = mfattn.DiscreteTransformer(params, cfg["beta"])
             row = one_flow(
@@ -421,11 +470,17 @@ def section_large(cfg, sets):
                 None,
                 cfg["rtol"],
                 cfg["atol"],
+                cfg["reach_tol"],  # stop once reached
             )
             row["reached"] = bool(row["final_ratio"] < cfg["reach_tol"])
+            row["time_to_tol_over_predicted"] = (
+                row["s_end"] / row["predicted_time_to_tol"] if row["stopped"] else None
+            )
             rows.append(dict(model="discrete", L=L, H=H, set="generic", seed=seed, **row))
+            save()
             print(
-                f"large eps={eps:4.2f} seed {seed}: R(s1)/R0 = {row['final_ratio']:.2e}, "
+                f"large eps={eps:4.2f} seed {seed}: R(s_end)/R0 = {row['final_ratio']:.2e}, "
+                f"s_end / s* = {row['s_end'] / row['predicted_time_to_tol']:.2f}, "
                 f"lambda_min 0 -> end {row['lambda_min_0']:.3e} -> {row['lambda_min_end']:.3e}",
                 flush=True,
             )
@@ -453,10 +508,21 @@ def section_limit_flows(cfg, sets):
             lf["s1"],
             lf["flow_rtol"],
             lf["flow_atol"],
+            1e-10,
             with_end_kernel=False,
         )
+        if name == "generic":
+            unit = row["predicted_rate_0"]
         rows.append(
-            dict(model="limit", M=lf["M"], nodes=cfg["limit_nodes"], set=name, seed=0, **row)
+            dict(
+                model="limit",
+                M=lf["M"],
+                nodes=cfg["limit_nodes"],
+                set=name,
+                seed=0,
+                rate_unit=unit,
+                **row,
+            )
         )
         print(f"limit flow {name}: R(s1)/R0 = {row['final_ratio']:.2e}", flush=True)
     return rows
@@ -484,23 +550,42 @@ def flow_summary(cfg, flows, large):
                 for r in sel
                 if r["tail_rate"] is not None and r["tail_rate_linearised"]
             ]
-            s["tail_over_linearised_tail_mean"] = float(np.mean(lin))
-            s["tail_over_linearised_tail_range"] = [float(min(lin)), float(max(lin))]
+            if lin:
+                s["tail_over_linearised_tail_mean"] = float(np.mean(lin))
+                s["tail_over_linearised_tail_range"] = [float(min(lin)), float(max(lin))]
             s["tail_over_predicted_end_mean"] = float(np.mean(rates))
             s["tail_over_predicted_end_range"] = [float(min(rates)), float(max(rates))]
             r0 = [r["tail_rate"] / r["predicted_rate_0"] for r in sel if r["tail_rate"] is not None]
             s["tail_over_predicted_0_mean"] = float(np.mean(r0))
             s["tail_over_predicted_0_range"] = [float(min(r0)), float(max(r0))]
+            s["tail_over_predicted_0"] = r0  # per run, in seed order
+            s["tail_over_predicted_end"] = rates
         if name == "translates":
             pred = np.array([r["plateau_predicted"] for r in sel])
             s["plateau_predicted_mean"] = float(np.mean(pred))
+            s["plateau_predicted"] = _list(pred)
             s["final_over_plateau"] = _list(np.array(ratio) / pred)
-        dev = [
-            float(np.max(np.abs(np.log(np.array(r["risk"]) / np.array(r["risk_linearised"])))))
-            for r in sel
-        ]
-        s["max_abs_log_ratio_to_linearised"] = _list(dev)
+            s["null_block_top"] = [r["null_block_top"] for r in sel]
+        s["max_abs_log_ratio_to_linearised"] = [_log_dev(r) for r in sel]
         out[name] = s
+    limit = {}
+    for r in flows:
+        if r["model"] != "limit":
+            continue
+        limit[r["set"]] = dict(
+            M=r["M"],
+            s1=r["s1"],
+            final_ratio=r["final_ratio"],
+            predicted_rate_0=r["predicted_rate_0"],
+            bound_at_s1=float(math.exp(-r["predicted_rate_0"] * r["s1"])),
+            plateau_predicted=r.get("plateau_predicted"),
+            final_over_plateau=(
+                r["final_ratio"] / r["plateau_predicted"] if r.get("plateau_predicted") else None
+            ),
+            max_abs_log_ratio_to_linearised=_log_dev(r),
+        )
+    if limit:
+        out["limit"] = limit
     rows = []
     for eps in sorted({r["eps"] for r in large}):
         sel = [r for r in large if r["eps"] == eps]
@@ -518,10 +603,40 @@ def flow_summary(cfg, flows, large):
                     np.median([r["lambda_min_end"] / r["lambda_min_0"] for r in sel])
                 ),
                 param_rel_change_median=float(np.median([r["param_rel_change"] for r in sel])),
+                time_to_tol_over_predicted_median=_median_or_none(
+                    [r.get("time_to_tol_over_predicted") for r in sel]
+                ),
+                time_to_tol_over_predicted_range=_range_or_none(
+                    [r.get("time_to_tol_over_predicted") for r in sel]
+                ),
+                lambda_min_end_over_0_range=_range_or_none(
+                    [r["lambda_min_end"] / r["lambda_min_0"] for r in sel]
+                ),
+                param_rel_change_range=_range_or_none([r["param_rel_change"] for r in sel]),
             )
         )
     out["large"] = rows
+    k, n = sum(r["reached"] for r in large), len(large)
+    out["large_pooled"] = dict(runs=n, reached=k, reached_wilson95=_wilson(k, n))
     return out
+
+
+def _log_dev(r):
+    """`max |log(R / R_lin)|` over the saves up to where the flow ended (later
+    saves hold the stopped state while `R_lin` goes on falling)."""
+    ss = np.array(r["ss"])
+    keep = ss <= r.get("s_end", np.inf)
+    return float(np.max(np.abs(np.log(np.array(r["risk"]) / np.array(r["risk_linearised"]))[keep])))
+
+
+def _range_or_none(values):
+    values = [v for v in values if v is not None]
+    return [float(min(values)), float(max(values))] if values else None
+
+
+def _median_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
 
 
 def _wilson(k, n, zq=1.96):
@@ -541,6 +656,18 @@ def _list(a):
 # ------------------------------------------------------------------ plots
 COLORS = {"generic": "tab:blue", "translates": "tab:red", "diracs": "tab:orange"}
 FLOOR = 1e-16  # eigenvalues at or below rounding (|lambda| < 1e-14 lambda_max) are drawn here
+ROUNDING_LEVEL = {"generic": 3e-15, "translates": 10 * FLOOR, "diracs": FLOOR}  # apart, in the band
+
+
+def _shown(row, scale):
+    """Where a kernel summary row's `lambda_min` is drawn: at its value, or at
+    its set's symbolic level in the rounding band when `|lambda_min|` is below
+    `1e-14 scale` (`scale`: the largest eigenvalue of any kernel; the score
+    kernel of Diracs is zero to rounding as a whole)."""
+    lam = row["lambda_min_mean"]
+    if abs(lam) < 1e-14 * scale:
+        return ROUNDING_LEVEL[row["set"]]
+    return lam
 
 
 def plot(res, out):
@@ -553,6 +680,7 @@ def plot(res, out):
     base = out.with_suffix("")
     # 1. the kernel's smallest eigenvalue against L H, and the criterion
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    scale = max(row["lambda_max_mean"] for row in res["kernel_summary"])
     for ax, blocks, title in [
         (axes[0], "QKVO", "full kernel (Q, K, V, O)"),
         (axes[1], "QK", "score kernel (Q, K)"),
@@ -562,18 +690,23 @@ def plot(res, out):
                 continue
             ax.scatter(
                 row["L"] * row["H"],
-                max(row["lambda_min_mean"], FLOOR),
+                _shown(row, scale),
                 color=COLORS[row["set"]],
                 marker={2: "o", 8: "s", 32: "^"}.get(row["L"], "o"),
                 s=25,
             )
-        x_limit = 4 * max(cfg["kernel_L"]) * max(cfg["kernel_H"])
+        # the limit to the right of the largest L H, one column per M
+        x_limit = {
+            M: 4 * 2**i * max(cfg["kernel_L"]) * max(cfg["kernel_H"])
+            for i, M in enumerate(cfg["limit_M"])
+        }
+        ax.axvline(2 * max(cfg["kernel_L"]) * max(cfg["kernel_H"]), color="0.5", lw=0.6, ls=":")
         for row in res["kernel_summary"]:
             if row["blocks"] != blocks or row["model"] != "limit":
                 continue
             ax.scatter(
-                x_limit,
-                max(row["lambda_min_mean"], FLOOR),
+                x_limit[row["M"]],
+                _shown(row, scale),
                 color=COLORS[row["set"]],
                 marker="*",
                 s=80,
@@ -583,9 +716,9 @@ def plot(res, out):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(
-            "L H   (discrete: o L=2, s L=8, ^ L=32;  * limit, M = "
+            "L H  (o L=2, s L=8, ^ L=32)\n* limit, M = "
             + ", ".join(str(m) for m in cfg["limit_M"])
-            + ")"
+            + " left to right"
         )
         ax.set_title(title)
         ax.axhspan(FLOOR / 3, 1e-13, color="0.9", zorder=0)
@@ -617,7 +750,7 @@ def plot(res, out):
 
     # 2. risk curves from a small initial loss, against s in units of the
     # predicted time constant N / (2 lambda_min) of the independent set
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     labelled = set()
 
     def once(label):
@@ -654,47 +787,55 @@ def plot(res, out):
     ax.set_ylabel("R(s) / R(0)")
     ax.set_title("Risk along the gradient flow from a small initial loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlim(left=0)
     fig.tight_layout()
     fig.savefig(f"{base}_risk.png", dpi=110)
     plt.close(fig)
 
-    # 3. larger initial losses: reached or not, and how far the kernel moved
+    # 3. larger initial losses: reached or not, how fast, and how far the kernel moved
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     ax = axes[0]
+    eps_all = sorted({row["eps"] for row in res["large"]})
     for row in res["large"]:
-        ax.scatter(row["eps"], max(row["final_ratio"], FLOOR), color="tab:blue", s=18, alpha=0.7)
-    ax.axhline(
-        cfg["reach_tol"],
-        color="k",
-        ls="--",
-        lw=0.8,
-        label=f"reach tolerance {cfg['reach_tol']:.0e}",
-    )
+        jitter = 1 + 0.06 * (row["seed"] / max(cfg["large_seeds"] - 1, 1) - 0.5)
+        if row["reached"] and row.get("time_to_tol_over_predicted") is not None:
+            y, face = row["time_to_tol_over_predicted"], "tab:blue"
+        else:  # not reached by the horizon: drawn at the horizon, open
+            y, face = cfg["horizon"], "none"
+        ax.scatter(row["eps"] * jitter, y, s=16, alpha=0.7, facecolor=face, edgecolor="tab:blue")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="the initial kernel's prediction s*")
+    ax.axhline(cfg["horizon"], color="tab:red", ls=":", lw=0.8, label="horizon (open: not reached)")
     for row in res["summary"]["large"]:
-        ax.annotate(f"{row['reached']}/{row['runs']}", (row["eps"], 3.0), ha="center", fontsize=8)
+        ax.annotate(f"{row['reached']}/{row['runs']}", (row["eps"], 4.5), ha="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_ylim(FLOOR / 3, 10.0)
+    ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
+    ax.set_ylim(3e-3, 9.0)
     ax.set_xlabel("initial residual |r_0| = eps")
-    ax.set_ylabel(f"R(s1) / R(0),  s1 = {cfg['horizon']:g} x predicted time to tol")
-    ax.set_title("Reached (count above each eps)?")
+    ax.set_ylabel(f"time to R < {cfg['reach_tol']:.0e} R(0), over s*")
+    ax.set_title("Reached (count per eps), and when")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax = axes[1]
     for row in res["large"]:
+        jitter = 1 + 0.06 * (row["seed"] / max(cfg["large_seeds"] - 1, 1) - 0.5)
         ax.scatter(
-            row["eps"], row["lambda_min_end"] / row["lambda_min_0"], color="tab:purple", s=18
+            row["eps"] * jitter,
+            row["lambda_min_end"] / row["lambda_min_0"],
+            color="tab:purple",
+            s=16,
+            alpha=0.7,
         )
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
     ax.set_xlabel("initial residual |r_0| = eps")
-    ax.set_ylabel("lambda_min(K) at s1 / at 0")
+    ax.set_ylabel("lambda_min(K) where the flow stopped / at s = 0")
     ax.set_title("How far the kernel moved")
     ax.grid(alpha=0.3)
-    fig.suptitle("From larger initial losses: how often does the flow reach zero?")
+    fig.suptitle("From larger initial losses: does the flow still reach the tolerance, and when?")
     fig.tight_layout()
     fig.savefig(f"{base}_large.png", dpi=110)
     plt.close(fig)
@@ -716,8 +857,15 @@ def main(argv=None):
     res = {}
     if args.resume and out.exists():
         res = json.loads(out.read_text())
-        if res.get("config") != cfg:
+        old = res.get("config") or {}
+        if any(old.get(k) != v for k, v in cfg.items() if k not in GROWABLE):
             raise SystemExit(f"{out} was written with another configuration; drop --resume")
+        # the large section resumes run by run: keep its runs on the current grid
+        res["large"] = [
+            r
+            for r in res.get("large", [])
+            if r["eps"] in cfg["eps_large"] and r["seed"] < cfg["large_seeds"]
+        ]
     res.update(
         config=cfg,
         preset=preset,
@@ -735,15 +883,28 @@ def main(argv=None):
         ("criterion", section_criterion),
         ("kernel", section_kernel),
         ("flows", section_flows),
-        ("large", section_large),
     ]
     for name, fn in sections:
         if name not in res:
             res[name] = fn(cfg, sets)
             save()
+    res.setdefault("large", [])
+    section_large(cfg, sets, res["large"], save)
     if cfg["limit_flow"] and "limit_flows" not in res:
         res["limit_flows"] = section_limit_flows(cfg, sets)
         save()
+    for row in res.get("limit_flows", []):  # written before the rate unit was stored
+        row.setdefault(
+            "rate_unit",
+            next(r["predicted_rate_0"] for r in res["limit_flows"] if r["set"] == "generic"),
+        )
+    for row in res["flows"] + res["large"] + res.get("limit_flows", []):  # cheap: redo
+        if row["result"] == "diffrax._solution.RESULTS<>":  # as an earlier version wrote them
+            row["result"] = "successful"
+        elif "an event occurred" in row["result"]:
+            row["result"] = "event_occurred"
+        row["tail_rate"] = _tail_rate(row["ss"], row["risk"], row.get("s_end", np.inf))
+        row["tail_rate_linearised"] = _tail_rate(row["ss"], row["risk_linearised"])
     res["kernel_summary"], res["kernel_fits"] = kernel_summary(cfg, res["kernel"])
     res["flows"] = [r for r in res["flows"] if r["model"] == "discrete"] + res.get(
         "limit_flows", []

@@ -107,8 +107,8 @@ from ._equiangular import equiangular_velocity as equiangular_velocity
 from ._flow import TokenFlowField as TokenFlowField
 from ._flow import attention_flow as attention_flow
 from ._flow import identity_layer as identity_layer
-from ._flow import project_tangent as project_tangent
 from ._hardmax import HardmaxKernel as HardmaxKernel
+from ._sphere import project_tangent as project_tangent
 
 try:
     __version__ = importlib.metadata.version("mfattn")

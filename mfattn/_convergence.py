@@ -114,6 +114,7 @@ def flow_error(
     atol: ScalarLike | None = None,
     max_steps: int = 4096,
     kernel=None,
+    normalization: str | None = None,
 ):
     """The theorem's error for every test particle `z` (docs/theory.md, section 7):
 
@@ -130,7 +131,10 @@ def flow_error(
     `(L, H, d, k)` parameters; `grid`: the limit's parameters (an
     `AttentionParams` depth grid or a [`mfattn.ParamPath`][]); the rest as in
     [`mfattn.solve_discrete`][] and [`mfattn.solve_limit`][] (the same `kernel`,
-    causal or not, for both models).
+    causal or not, and the same `normalization`, for both models). With
+    `normalization="sphere"` the post-normalised transformer is compared with
+    the projected flow; both adjoints are then tangent (docs/theory.md,
+    section 10), so the same formula applies.
     """
     L = params.depth
     disc = solve_discrete(
@@ -142,6 +146,7 @@ def flow_error(
         test_labels=test_labels,
         test_positions=test_positions,
         kernel=kernel,
+        normalization=normalization,
     )
     ts = jnp.arange(L + 1, dtype=disc.ts.dtype) / L
     lim = solve_limit(
@@ -158,6 +163,7 @@ def flow_error(
         atol=atol,
         max_steps=max_steps,
         kernel=kernel,
+        normalization=normalization,
     )
     return jnp.max(_norm(disc.test_xs - lim.test_xs) + _norm(disc.test_ps - lim.test_ps), axis=0)
 

@@ -97,6 +97,10 @@ def train_coupled(
     """
     if not isinstance(limit, MeanFieldTransformer):
         raise TypeError(f"`limit` must be a MeanFieldTransformer, got {type(limit).__name__}")
+    if limit.normalization is not None:
+        raise ValueError(
+            f"`train_coupled` is not implemented for `normalization={limit.normalization!r}`"
+        )
     discrete = tuple(discrete)
     for i, p in enumerate(discrete):
         if not isinstance(p, AttentionParams) or p.Q.ndim < 4:

@@ -15,6 +15,7 @@ from ._mlp import Activation, MLPParams
 from ._params import AttentionParams
 from ._path import ParamPath
 from ._solution import Solution
+from ._sphere import check_normalization, normalize, project_tangent
 from ._stochastic import solve_stochastic_discrete, stochastic_discrete_loss
 from ._vector_field import AttentionVectorField
 
@@ -63,6 +64,28 @@ def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test
     return AttentionVectorField(field, path, measure, test_positions)
 
 
+def _check_normalization(normalization, mlp, residual_scaling) -> bool:
+    """Whether the model is post-normalised; `ValueError` for what it does not support."""
+    if check_normalization(normalization) is None:
+        return False
+    if mlp is not None or residual_scaling != "1/L":
+        raise ValueError(
+            "`normalization='sphere'` is not implemented with `mlp` blocks or "
+            "`residual_scaling='1/sqrt(L)'`"
+        )
+    return True
+
+
+def _step(x, v, dt):
+    """The residual step `x + dt v` (no radii)."""
+    return x + dt * v, None
+
+
+def _normalized_step(x, v, dt):
+    """The post-normalised step `N(x + dt v)` and the radii `|x + dt v|` (n, 1)."""
+    return normalize(x + dt * v)
+
+
 @eqx.filter_jit
 def solve_discrete(
     params: AttentionParams,
@@ -79,6 +102,7 @@ def solve_discrete(
     mlp: MLPParams | None = None,
     activation: Activation = "tanh",
     residual_scaling: str = "1/L",
+    normalization: str | None = None,
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
 
@@ -97,6 +121,26 @@ def solve_discrete(
 
     and the gradient map `g(theta_{l,h}) = sum_i w_i grad_theta G(x_i^l; theta_{l,h})^T p_i^{l+1}
     = L H dLoss/dtheta_{l,h}`.
+
+    With `normalization="sphere"` (docs/theory.md, section 10), every layer
+    ends by mapping the tokens (and test particles) back onto the unit sphere,
+
+        x^{l+1} = N(y^l),  y^l = x^l + (1/L) Gamma(x^l, mu^l; nu^l),  N(y) = y / |y|,
+
+    and the adjoint goes back through the normalisation's Jacobian
+    `J_N(y) = (I - n n^T) / |y|`, `n = N(y)`, then through the same attention
+    pullback: with `q^l = J_N(y^l) p^{l+1}`,
+
+        p^l = P_{x^l} [q^l + (1/L) b(x^l, mu^l; q^l)],
+        g(theta_{l,h}) = sum_i w_i grad_theta G(x_i^l; theta_{l,h})^T q_i^l,
+
+    `b` the bracket above evaluated at the cotangents `q` and `P_x = I - x x^T`.
+    The input tokens and test particles are first mapped to the sphere,
+    `x^0 = N(x_in)` (a no-op for unit inputs). The adjoints are tangent: `p^l`
+    is the rescaled derivative of the loss along the sphere at `x^l` (the
+    normal part of a gradient at a point that is renormalised next does not
+    act), so that `ps[0] = (1/w) dLoss/dx_in` for unit inputs
+    (`(1/(w |x_in|)) dLoss/dx_in` in general).
 
     **Arguments:**
 
@@ -126,13 +170,19 @@ def solve_discrete(
       `x^{l+1} = x^l + L^{-1/2} [Gamma + F]`, the regime whose limit with
       random per-layer parameters is the common-noise SDE of
       [`mfattn.solve_sde`][] (docs/theory.md, section 9).
+    - `normalization`: `None` (default, the model above) or `"sphere"` (the
+      post-normalised transformer; not with `mlp` or `"1/sqrt(L)"`).
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
     points are given; with MLP blocks, `mlp_grads` (the MLP's gradient map,
     shaped like `mlp`). With either scaling, `grads` is the gradient map `g`:
     `dLoss/dtheta_{l,h} = (h / H) g(theta_{l,h})`, `h` the residual factor.
+
+    **Raises:** `ValueError` for a bad `normalization`, or `"sphere"` with `mlp`
+    or `residual_scaling="1/sqrt(L)"`.
     """
+    sphere = _check_normalization(normalization, mlp, residual_scaling)
     if mlp is not None or residual_scaling != "1/L":
         return solve_stochastic_discrete(
             params,
@@ -161,20 +211,25 @@ def solve_discrete(
     )
     if test_points is not None:
         test_points = test_points.astype(dtype)
+    if sphere:
+        measure = measure.with_points(normalize(measure.points)[0])
+        test_points = None if test_points is None else normalize(test_points)[0]
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions)
     dt = 1.0 / L
     nodes = vf.path.times
+    step = _normalized_step if sphere else _step
 
     def euler_step(carry, node):
         x, z = carry
         t, layer = node
         vx, vz, cache = vf.velocity(t, x, z, layer=layer, return_cache=True)
-        z_next = None if z is None else z + dt * vz
-        return (x + dt * vx, z_next), (x, z, cache)
+        x_next, rx = step(x, vx, dt)
+        z_next, rz = (None, None) if z is None else step(z, vz, dt)
+        return (x_next, z_next), (x, z, rx, rz, cache)
 
     # the kernel outputs of every layer (O(n) memory for the default kernels)
     # are kept for the adjoint pass, which then needs one pass over the keys
-    (x_last, z_last), (xs, zs, caches) = lax.scan(
+    (x_last, z_last), (xs, zs, rxs, rzs, caches) = lax.scan(
         euler_step, (measure.points, test_points), (nodes, params)
     )
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
@@ -186,18 +241,29 @@ def solve_discrete(
     pz_last = None
     if z_last is not None:
         pz_last = loss.lions_derivative(terminal, z_last, test_labels).astype(dtype)
+    if sphere:  # tangent adjoints (the normal part meets J_N and does not act)
+        p_last = project_tangent(x_last, p_last)
+        pz_last = None if z_last is None else project_tangent(z_last, pz_last)
 
     def adjoint_step(carry, inputs):
         p, pz = carry
-        t, x, z, layer, cache = inputs
-        b, bz, g = vf.adjoint(t, x, z, p, pz, layer=layer, cache=cache)
-        pz_prev = None if pz is None else pz + dt * bz
-        return (p + dt * b, pz_prev), (p, pz, g)
+        t, x, z, rx, rz, layer, cache = inputs
+        if sphere:  # through N: J_N(y)^T p = P_{N(y)} p / |y| = p / |y| for tangent p
+            q, qz = p / rx, (None if pz is None else pz / rz)
+        else:
+            q, qz = p, pz
+        b, bz, g = vf.adjoint(t, x, z, q, qz, layer=layer, cache=cache)
+        p_prev = q + dt * b
+        pz_prev = None if pz is None else qz + dt * bz
+        if sphere:
+            p_prev = project_tangent(x, p_prev)
+            pz_prev = None if pz is None else project_tangent(z, pz_prev)
+        return (p_prev, pz_prev), (p, pz, g)
 
     (p_first, pz_first), (ps_next, pzs_next, grads) = lax.scan(
         adjoint_step,
         (p_last, pz_last),
-        (nodes, xs[:-1], None if zs is None else zs[:-1], params, caches),
+        (nodes, xs[:-1], None if zs is None else zs[:-1], rxs, rzs, params, caches),
         reverse=True,
     )
     ps = jnp.concatenate([p_first[None], ps_next], axis=0)
@@ -219,10 +285,14 @@ def discrete_loss(
     mlp: MLPParams | None = None,
     activation: Activation = "tanh",
     residual_scaling: str = "1/L",
+    normalization: str | None = None,
 ):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
     differentiates in the tests (and that users can differentiate freely).
-    `mlp`, `activation`, `residual_scaling` as in [`mfattn.solve_discrete`][]."""
+    `mlp`, `activation`, `residual_scaling`, `normalization` as in
+    [`mfattn.solve_discrete`][] (with `"sphere"`, the inputs are mapped to the
+    sphere first and every layer ends with `N(y) = y / |y|`)."""
+    sphere = _check_normalization(normalization, mlp, residual_scaling)
     if mlp is not None or residual_scaling != "1/L":
         return stochastic_discrete_loss(
             params,
@@ -237,13 +307,16 @@ def discrete_loss(
             mesh=mesh,
         )
     params, _, _ = check_model_inputs(params, measure, loss, None, None)
+    if sphere:
+        measure = measure.with_points(normalize(measure.points)[0])
     vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
     dt = 1.0 / params.depth
+    step = _normalized_step if sphere else _step
 
     def euler_step(x, node):
         t, layer = node
         vx, _ = vf.velocity(t, x, layer=layer)
-        return x + dt * vx, None
+        return step(x, vx, dt)[0], None
 
     x_last, _ = lax.scan(euler_step, measure.points, (vf.path.times, params))
     return loss(measure.with_points(x_last))

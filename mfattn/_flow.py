@@ -17,8 +17,7 @@ from ._kernels import AbstractAttentionKernel
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
 from ._path import ParamPath
-
-_NORMALIZATIONS = (None, "sphere")
+from ._sphere import check_normalization, project_tangent
 
 
 def identity_layer(dim: int, dtype=None) -> AttentionParams:
@@ -29,12 +28,6 @@ def identity_layer(dim: int, dtype=None) -> AttentionParams:
     dtype = jnp.result_type(float) if dtype is None else dtype
     eye = jnp.eye(dim, dtype=dtype)[None]
     return AttentionParams(eye, eye, eye, eye)
-
-
-def project_tangent(x: Float[Array, "n d"], v: Float[Array, "n d"]) -> Float[Array, "n d"]:
-    """`P_x v = v - <v, x> x / |x|^2` row by row: the component of `v` tangent to
-    the sphere through `x` (for unit `x`, `P_x = I - x x^T`)."""
-    return v - (jnp.sum(v * x, -1, keepdims=True) / jnp.sum(x * x, -1, keepdims=True)) * x
 
 
 class TokenFlowField(eqx.Module):
@@ -112,8 +105,7 @@ def attention_flow(
     **Raises:** `ValueError` for a bad `normalization`, `ts` or layer shape; an
     `EqxRuntimeError` if the solve produces non-finite values.
     """
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be None or 'sphere', got {normalization!r}")
+    check_normalization(normalization)
     if not isinstance(measure, EmpiricalMeasure):
         raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
     if isinstance(params, ParamPath):

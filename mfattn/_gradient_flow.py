@@ -48,7 +48,10 @@ class GradientFlowSolution(eqx.Module):
       `sum_j c_j (1/M) sum_m |g(theta_j^m, t_j)|^2` (`(1/(L H)) sum_{l,h} |g|^2`
       for the discrete model), `(S,)`. For the discrete model
       `dR/ds = -dissipation` exactly; for the limit up to the depth quadrature.
-    - `model`: the model with the parameters at the last saved time.
+    - `model`: the model with the parameters where the integration ended.
+    - `s_end`: the training time where the integration ended: `s1`, or the
+      time an `event` stopped it (or where it failed, with `throw=False`).
+      Saves after `s_end` hold the state at `s_end`.
     - `stats`: Diffrax's step counts (`num_steps`, `num_accepted_steps`,
       `num_rejected_steps`, `max_steps`).
     - `result`: the `diffrax.RESULTS` of the solve.
@@ -59,6 +62,7 @@ class GradientFlowSolution(eqx.Module):
     risk: Float[Array, " S"]
     dissipation: Float[Array, " S"]
     model: AbstractModel
+    s_end: Float[Array, ""]
     stats: dict
     result: diffrax.RESULTS
 
@@ -95,6 +99,7 @@ def gradient_flow(
     max_steps: int = 16384,
     throw: bool = True,
     progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
+    event: diffrax.Event | None = None,
 ) -> GradientFlowSolution:
     """Integrate the gradient flow of a risk in training time `s` with Diffrax,
 
@@ -129,6 +134,9 @@ def gradient_flow(
       `progress_meter`: passed to `diffrax.diffeqsolve` (default Tsit5 with a
       PID controller at `rtol=1e-6`, `atol=1e-8`; `diffrax.Euler()` with
       `diffrax.ConstantStepSize()` and `dt0=eta` is gradient descent).
+    - `event`: a `diffrax.Event` that stops the flow, e.g. once the risk is
+      small: `diffrax.Event(lambda s, theta, args, **kw: risk(model.with_params(theta)) < tol)`.
+      Saves after the stop hold the stopped state (`s_end` says where).
 
     **Returns:** a [`mfattn.GradientFlowSolution`][].
 
@@ -156,20 +164,27 @@ def gradient_flow(
         s1,
         dt0,
         model.params,
-        saveat=diffrax.SaveAt(ts=ss, fn=save),
+        saveat=diffrax.SaveAt(ts=ss, t1=True, fn=save),
         stepsize_controller=stepsize_controller,
         max_steps=max_steps,
         throw=throw,
         progress_meter=progress_meter,
+        event=event,
     )
-    params, risk_values, dissipation = sol.ys
-    final = model.with_params(jax.tree.map(lambda a: a[-1], params))
+    # Diffrax packs the saves: those of `ss` it reached, then the one at the end
+    # of the integration (s1, or where an event stopped it), then inf. Saves
+    # of `ss` after the end hold the state there.
+    end = jnp.sum(jnp.isfinite(sol.ts)) - 1
+    index = jnp.minimum(jnp.arange(ss.shape[0]), end)
+    params, risk_values, dissipation = jax.tree.map(lambda a: a[index], sol.ys)
+    final = model.with_params(jax.tree.map(lambda a: a[end], sol.ys[0]))
     return GradientFlowSolution(
-        ss=sol.ts,
+        ss=ss,
         params=params,
         risk=risk_values,
         dissipation=dissipation,
         model=final,
+        s_end=sol.ts[end],
         stats=dict(sol.stats),
         result=sol.result,
     )

@@ -18,6 +18,7 @@ from ._params import AttentionParams
 from ._path import ParamPath
 from ._renamed import renamed_kwargs
 from ._solution import Solution
+from ._sphere import check_normalization, normalize, project_tangent
 from ._vector_field import AdjointVectorField, AttentionVectorField
 
 
@@ -104,6 +105,7 @@ class _LimitProblem(eqx.Module):
         kernel,
         chunk_size,
         mesh,
+        normalization=None,
     ):
         path = as_path(params, times, interpolation)
         checked, test_points, test_labels = check_model_inputs(
@@ -118,8 +120,11 @@ class _LimitProblem(eqx.Module):
         )
         d = measure.dim
         Z0 = jnp.zeros((0, d), dtype) if test_points is None else test_points.astype(dtype)
+        if normalization == "sphere":  # the inputs are mapped to the sphere first
+            measure = measure.with_points(normalize(measure.points)[0])
+            Z0 = normalize(Z0)[0]
         field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
-        vf = AttentionVectorField(field, path, measure, test_positions)
+        vf = AttentionVectorField(field, path, measure, test_positions, normalization)
         controller = _controller(path, rtol, atol, stepsize_controller)
         return cls(vf, loss, Z0, test_labels, solver, controller, max_steps)
 
@@ -130,6 +135,10 @@ class _LimitProblem(eqx.Module):
     @property
     def measure(self) -> EmpiricalMeasure:
         return self.vf.measure
+
+    def tangent(self, X, P):
+        """`P_X P` on the sphere (the adjoints' part that acts), else `P`."""
+        return P if self.vf.normalization is None else project_tangent(X, P)
 
     def forward(self, saveat, adjoint=diffrax.RecursiveCheckpointAdjoint(), name=None):
         """The forward McKean-Vlasov ODE from `t = 0` to `1`; with a `name`, a
@@ -150,7 +159,8 @@ class _LimitProblem(eqx.Module):
         return sol if name is None else check_solve(sol, name)
 
     def terminal(self, X1, Z1):
-        """`Loss(mu_1)` and the terminal adjoints of the tokens and test particles."""
+        """`Loss(mu_1)` and the terminal adjoints of the tokens and test particles
+        (on the sphere, their tangent parts)."""
         terminal = self.measure.with_points(X1)
         value = self.loss(terminal)
         P1 = self.loss.lions_derivative(terminal).astype(X1.dtype)
@@ -158,7 +168,7 @@ class _LimitProblem(eqx.Module):
             PZ1 = jnp.zeros_like(self.test_points)
         else:
             PZ1 = self.loss.lions_derivative(terminal, Z1, self.test_labels).astype(X1.dtype)
-        return value, P1, PZ1
+        return value, self.tangent(X1, P1), self.tangent(Z1, PZ1)
 
     def backward(self, fwd, P1, PZ1, integrate_gradient=False, name="the adjoint solve"):
         """The closed-form adjoint ODE from `t = 1` to `0` (dense output), or
@@ -208,6 +218,7 @@ def solve_limit(
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    normalization: str | None = None,
 ) -> Solution:
     """Solve the mean-field limit: the forward McKean-Vlasov ODE, its closed-form
     adjoint ODE, and the gradient map at the depth-grid nodes (docs/theory.md,
@@ -240,6 +251,23 @@ def solve_limit(
       give `rtol`/`atol` or a `stepsize_controller`, not both).
     - `adjoint`: how Diffrax differentiates the *forward* solve if you
       differentiate through `solve_limit` (the returned `grads` never need it).
+    - `normalization`: `None` (default) or `"sphere"`: the limit of the
+      post-normalised transformer (docs/theory.md, section 10),
+
+            forward   dx_i/dt = F(x_i, mu_t) = P_{x_i} Gamma(x_i, mu_t; nu_t),
+                      P_x = I - x x^T / |x|^2,  x_i(0) = x_in,i / |x_in,i|,
+            backward  the adjoint of F: dp_i/dt = -b_i with
+                      b_i = [pullback of Gamma at the cotangents (P_{x_j} p_j)_j]_i
+                            + c_x(x_i, Gamma(x_i), p_i),
+                      p_i(1) = P_{x_i} d_mu Loss(mu_1)(x_i(1)),
+            gradient  g at the cotangents P_{x_i} p_i,
+
+      `c_x` the derivative of the projection itself. The exact flow keeps
+      `|x_i| = 1`; the solver keeps it to its tolerance (`xs` are the solver's
+      states, not re-projected). The saved adjoints `ps`, `test_ps` are the
+      tangent parts `P_x p`, comparable with [`mfattn.solve_discrete`][]'s
+      (the normal part depends on how `F` is extended off the sphere and
+      enters no gradient).
 
     **Returns:** a [`mfattn.Solution`][]; `grads` has the shape of the grid.
 
@@ -264,6 +292,7 @@ def solve_limit(
         kernel=kernel,
         chunk_size=chunk_size,
         mesh=mesh,
+        normalization=check_normalization(normalization),
     )
     fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), adjoint, "solve_limit's forward solve")
     X1, Z1 = _finite((fwd.ys[0][-1], fwd.ys[1][-1]), "solve_limit's forward solve")
@@ -279,6 +308,7 @@ def solve_limit(
             raise ValueError(f"`ts` must be 1-D, got shape {save.shape}")
     xs, zs = jax.vmap(fwd.evaluate)(save)
     ps, pzs = _finite(jax.vmap(bwd.evaluate)(save), "solve_limit's adjoint solve")
+    ps, pzs = prob.tangent(xs, ps), prob.tangent(zs, pzs)
     if ts is None:  # the default save times start with the nodes
         Xn, Pn = xs[: nodes.shape[0]], ps[: nodes.shape[0]]
     else:
@@ -325,6 +355,7 @@ def limit_gradient(
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    normalization: str | None = None,
 ):
     """The exact gradient of the limit's loss with respect to the grid
     parameters, in the mean-field normalisation `M dLoss/dtheta_j^m / c_j`
@@ -343,6 +374,8 @@ def limit_gradient(
       `diffrax.diffeqsolve` with that adjoint.
 
     `method=` is the older name of `adjoint=` (`"closed_form"` or a Diffrax adjoint).
+    `normalization="sphere"`: the limit on the sphere, with the projected
+    field's closed-form adjoint (see [`mfattn.solve_limit`][]).
 
     **Returns:** `(loss, grads)` with `grads` an `AttentionParams` shaped like the grid.
     """
@@ -380,6 +413,7 @@ def limit_gradient(
         kernel=kernel,
         chunk_size=chunk_size,
         mesh=mesh,
+        normalization=check_normalization(normalization),
     )
     path = prob.path
     M = path.params.heads

@@ -8,6 +8,7 @@ from ._discrete import solve_discrete
 from ._kernels import AbstractAttentionKernel
 from ._params import AttentionParams
 from ._solution import Solution
+from ._sphere import check_normalization
 
 
 class AbstractModel(eqx.Module):
@@ -32,13 +33,19 @@ class AbstractModel(eqx.Module):
 class DiscreteTransformer(AbstractModel):
     """The `L`-layer, `H`-head attention-only transformer of docs/theory.md,
     section 3: [`mfattn.solve_discrete`][] on `params` (leaves `(L, H, d, k)`),
-    with the attention backend `kernel` (or the `chunk_size`/`mesh` shortcuts)."""
+    with the attention backend `kernel` (or the `chunk_size`/`mesh` shortcuts),
+    post-normalised onto the sphere with `normalization="sphere"`
+    (docs/theory.md, section 10)."""
 
     params: AttentionParams
     beta: float = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True, default=None)
     mesh: object = eqx.field(static=True, default=None)
     kernel: AbstractAttentionKernel | None = None
+    normalization: str | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        check_normalization(self.normalization)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         return solve_discrete(
@@ -51,6 +58,7 @@ class DiscreteTransformer(AbstractModel):
             kernel=self.kernel,
             chunk_size=self.chunk_size,
             mesh=self.mesh,
+            normalization=self.normalization,
         )
 
 
@@ -58,7 +66,9 @@ class MeanFieldTransformer(AbstractModel):
     """The continuous limit of docs/theory.md, section 6: parameter particles on a depth
     grid (leaves `(J+1, M, d, k)`), solved by [`mfattn.solve_limit`][]. Every
     (particle, node) pair is trained by its own optimiser state from the
-    gradient map at that node."""
+    gradient map at that node. `normalization="sphere"`: the limit of the
+    post-normalised transformer, the projected flow on the sphere
+    (docs/theory.md, section 10)."""
 
     params: AttentionParams
     beta: float = eqx.field(static=True)
@@ -70,6 +80,10 @@ class MeanFieldTransformer(AbstractModel):
     chunk_size: int | None = eqx.field(static=True, default=None)
     mesh: object = eqx.field(static=True, default=None)
     kernel: AbstractAttentionKernel | None = None
+    normalization: str | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        check_normalization(self.normalization)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None, ts=None) -> Solution:
         from ._limit import solve_limit
@@ -90,4 +104,5 @@ class MeanFieldTransformer(AbstractModel):
             kernel=self.kernel,
             chunk_size=self.chunk_size,
             mesh=self.mesh,
+            normalization=self.normalization,
         )

@@ -110,6 +110,11 @@ def _model_field(model):
 def _check(model, measure, probes):
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
+    if getattr(model, "normalization", None) is not None:
+        raise ValueError(
+            "probes (probe_outputs, probe_gradient, tangent_kernel, ProbeRisk) are not "
+            f"implemented for `normalization={model.normalization!r}`"
+        )
     if not isinstance(measure, EmpiricalMeasure):
         raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
     if measure.points.ndim != 2:

@@ -72,6 +72,7 @@ def test_sobol_entries_are_uniform_on_the_xavier_interval(getkey):
     assert float(jnp.max(jnp.abs(qs - a * (2 * jnp.linspace(0.05, 0.95, 19) - 1)))) < 2e-2 * a
 
 
+@pytest.mark.slow  # compile-heavy; the default suite stays under 10 minutes on 2 cores
 def test_flow_error_is_differentiable_in_the_test_points(getkey):
     measure = random_measure(getkey(), 5, 3)
     loss = mfattn.DenoisingLoss(jax.random.normal(getkey(), (5, 3)))

@@ -2,8 +2,6 @@
 the sphere, against exact solutions: one token (a linear ODE, or its
 normalisation), a time-dependent linear path, and the equiangular ODE."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,12 +118,6 @@ def test_bad_input(getkey):
         mfattn.identity_layer(0)
 
 
-_HAS_DISCRETE_SPHERE = "normalization" in inspect.signature(mfattn.solve_discrete).parameters
-
-
-@pytest.mark.skipif(
-    not _HAS_DISCRETE_SPHERE, reason="solve_discrete(normalization='sphere') not merged yet"
-)
 def test_discrete_sphere_converges_at_order_one(getkey):
     """The post-normalised transformer x^{l+1} = N(x^l + Gamma / L), with one
     layer repeated L times, tends to the projected flow at t = 1 like 1/L."""
@@ -139,7 +131,7 @@ def test_discrete_sphere_converges_at_order_one(getkey):
     ref = mfattn.attention_flow(
         layer, measure, beta, jnp.array([0.0, 1.0]), normalization="sphere", rtol=1e-12, atol=1e-12
     )[-1]
-    Ls = np.array([4, 8, 16, 32])
+    Ls = np.array([16, 32, 64])  # the asymptotic range (at L = 4 the 1/L^2 term shows)
     errs = []
     for L in Ls:
         params = jax.tree.map(lambda a: jnp.stack([a] * int(L)), layer)

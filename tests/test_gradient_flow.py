@@ -32,6 +32,22 @@ def SAMPLER(key, batch_size):
     return jax.vmap(mfattn.EmpiricalMeasure)(x), jax.vmap(mfattn.DenoisingLoss)(y)
 
 
+class _RiskBelow(eqx.Module):
+    """Event condition: the risk is below `threshold` (an array, so that every
+    threshold shares one compiled solve)."""
+
+    model: mfattn.DiscreteTransformer
+    risk: mfattn.AbstractRisk
+    threshold: jax.Array
+
+    def __call__(self, s, params, args, **kwargs):
+        return self.risk(self.model.with_params(params)) < self.threshold
+
+
+def _event(model, risk, threshold=-jnp.inf):
+    return diffrax.Event(_RiskBelow(model, risk, jnp.asarray(threshold)))
+
+
 def _model(key, scale=1.0):
     params = mfattn.AttentionParams.xavier_uniform(key, L, H, D, KH)
     return mfattn.DiscreteTransformer(jax.tree.map(lambda a: scale * a, params), 1.0)
@@ -46,7 +62,8 @@ def _norm(tree):
 
 
 def _sgd(model, risk, eta, steps):
-    """`steps` of `optax.sgd(eta)` fed with the risk's gradient map."""
+    """`steps` of `optax.sgd(eta)` fed with the risk's gradient map: the
+    iterates (`steps + 1`) and the risk at the first `steps` of them."""
     opt = optax.sgd(eta)
 
     @eqx.filter_jit
@@ -56,30 +73,50 @@ def _sgd(model, risk, eta, steps):
         return optax.apply_updates(params, updates), state, value
 
     params, state = model.params, opt.init(model.params)
-    values = []
+    iterates, values = [params], []
     for _ in range(steps):
         params, state, value = step(params, state)
+        iterates.append(params)
         values.append(value)
-    return params, values
+    return iterates, values
 
 
 def test_euler_steps_are_sgd(getkey):
     """Explicit Euler with step `eta` on `d theta/ds = -g` is `optax.sgd(eta)` fed
     with the batch-mean gradient map (what `mfattn.train` does on a fixed
-    batch): equal to rounding after `K` steps, at `s = K eta`."""
+    batch): equal to rounding after `K` steps, at `s = K eta`. An event on the
+    risk stops the flow at the first step below its threshold; later saves
+    hold the stopped state."""
     risk = mfattn.EmpiricalRisk(*_data(getkey()))
     model = _model(getkey(), scale=2.0)
     eta, K = 0.1, 5
     s1 = jnp.asarray(eta * K)
+    ss = jnp.stack([0.0, s1])
     sol = mfattn.gradient_flow(
-        model, risk, s1, ss=jnp.stack([0.0, s1]), dt0=jnp.asarray(eta), **EULER
+        model, risk, s1, ss=ss, dt0=jnp.asarray(eta), event=_event(model, risk), **EULER
     )
     assert int(sol.stats["num_steps"]) in (K, K + 1)  # + a rounding-sized last step
-    gd, values = _sgd(model, risk, eta, K)
-    assert tree_rel_err(sol.model.params, gd) < 1e-13
+    assert rel_err(sol.s_end, s1) < 1e-14
+    gd, values = _sgd(model, risk, eta, K + 1)  # values[i]: the risk after i steps
+    assert tree_rel_err(sol.model.params, gd[K]) < 1e-13
     assert rel_err(sol.risk[0], values[0]) < 1e-14
     # the model moved: the comparison is not between two copies of the initial point
     assert tree_rel_err(sol.model.params, model.params) > 1e-3
+
+    # stop after 3 steps: the risk falls below a threshold between its values there
+    assert values[3] < values[2]
+    stop = mfattn.gradient_flow(
+        model,
+        risk,
+        s1,
+        ss=ss,
+        dt0=jnp.asarray(eta),
+        event=_event(model, risk, (values[2] + values[3]) / 2),
+        **EULER,
+    )
+    assert rel_err(stop.s_end, 3 * eta) < 1e-12
+    assert tree_rel_err(stop.model.params, gd[3]) < 1e-13
+    assert rel_err(stop.risk[-1], values[3]) < 1e-13  # the save at s1 holds the stopped state
 
 
 @pytest.mark.slow
@@ -127,7 +164,15 @@ def test_gradient_descent_converges_to_the_flow_at_order_one(getkey):
     Ks = [8, 16, 32, 64]
     errs = []
     for K in Ks:
-        gd = mfattn.gradient_flow(model, data, s1, ss=jnp.stack([0.0, s1]), dt0=s1 / K, **EULER)
+        gd = mfattn.gradient_flow(
+            model,
+            data,
+            s1,
+            ss=jnp.stack([0.0, s1]),
+            dt0=s1 / K,
+            event=_event(model, data),  # never fires; shares the compiled solve above
+            **EULER,
+        )
         errs.append(_norm(jax.tree.map(jnp.subtract, gd.model.params, ref.model.params)))
     slope = scipy.stats.linregress(np.log(2.0 / np.array(Ks)), np.log(errs)).slope
     assert 0.9 <= slope <= 1.1, (slope, errs)

@@ -115,6 +115,7 @@ def test_closed_form_adjoint_agrees_with_autodiff_through_solver(getkey):
     assert tree_rel_err(g3, g2) < 1e-5
 
 
+@pytest.mark.slow  # compile-heavy; the default suite stays under 10 minutes on 2 cores
 def test_pointwise_gradient_map_converges_under_grid_refinement(getkey):
     """Solution.grads (the gradient map at the nodes) and the rescaled
     autodiff gradient converge to each other as the grid is refined."""
@@ -189,6 +190,7 @@ def test_bad_grids(getkey):
         mfattn.solve_limit(grid, random_measure(getkey(), 4, 2), loss, 1.0)
 
 
+@pytest.mark.slow  # compile-heavy; the default suite stays under 10 minutes on 2 cores
 def test_training_the_limit_reduces_loss():
     task = mfattn.DenoisingTask(dim=3, num_tokens=8, num_clusters=2)
     grid = mfattn.AttentionParams.mean_field(jax.random.key(0), 3, 4, 3, 2)
