@@ -9,7 +9,7 @@ from ._checks import as_float_array, check_finite_args
 from ._custom_types import BetaLike
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
-from ._loss import AbstractLoss
+from ._loss import AbstractLoss, terminal_condition
 from ._measure import EmpiricalMeasure
 from ._mlp import Activation, MLPParams
 from ._params import AttentionParams
@@ -235,12 +235,9 @@ def solve_discrete(
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
 
-    terminal = measure.with_points(x_last)
-    loss_value = loss(terminal)
-    p_last = loss.lions_derivative(terminal).astype(dtype)
-    pz_last = None
-    if z_last is not None:
-        pz_last = loss.lions_derivative(terminal, z_last, test_labels).astype(dtype)
+    loss_value, p_last, pz_last = terminal_condition(
+        loss, measure, x_last, z_last, test_labels, dtype
+    )
     if sphere:  # tangent adjoints (the normal part meets J_N and does not act)
         p_last = project_tangent(x_last, p_last)
         pz_last = None if z_last is None else project_tangent(z_last, pz_last)

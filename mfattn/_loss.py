@@ -29,6 +29,19 @@ class AbstractLoss(eqx.Module):
         supervised loss (test particles); unused by unsupervised losses."""
 
 
+def terminal_condition(loss, measure, x_last, z_last, test_labels, dtype):
+    """The loss at the terminal tokens `x_last` and the adjoints' terminal
+    values: `p(1) = (1/w) dLoss/dx` (the Lions derivative at the tokens) and,
+    for test particles `z_last`, the Lions derivative there with their labels
+    (`None` without test particles). Shared by the discrete solvers."""
+    terminal = measure.with_points(x_last)
+    p_last = loss.lions_derivative(terminal).astype(dtype)
+    pz_last = None
+    if z_last is not None:
+        pz_last = loss.lions_derivative(terminal, z_last, test_labels).astype(dtype)
+    return loss(terminal), p_last, pz_last
+
+
 def _check_measure(measure):
     if not isinstance(measure, EmpiricalMeasure):
         raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")

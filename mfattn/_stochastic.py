@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._field import AttentionField
-from ._loss import AbstractLoss
+from ._loss import AbstractLoss, terminal_condition
 from ._measure import EmpiricalMeasure
 from ._mlp import Activation, MLPParams, mlp_backward, mlp_forward, resolve_activation
 from ._params import AttentionParams
@@ -127,12 +127,9 @@ def solve_stochastic_discrete(
     xs = jnp.concatenate([xs, x_last[None]], axis=0)
     zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
 
-    terminal = measure.with_points(x_last)
-    loss_value = loss(terminal)
-    p_last = loss.lions_derivative(terminal).astype(dtype)
-    pz_last = None
-    if z_last is not None:
-        pz_last = loss.lions_derivative(terminal, z_last, test_labels).astype(dtype)
+    loss_value, p_last, pz_last = terminal_condition(
+        loss, measure, x_last, z_last, test_labels, dtype
+    )
 
     def adjoint_step(carry, inputs):
         p, pz = carry
