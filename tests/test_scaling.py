@@ -176,3 +176,15 @@ def test_summary_recovers_known_answers(tmp_path, monkeypatch):
     text = scaling.report(data)
     assert "bias vs L" in text and "lemma6 vs d (adamw" in text
     assert "| 1 | 2 |" in scaling.table(data)
+
+
+@pytest.mark.slow
+def test_sweeps_use_their_own_reference_and_training_length(tmp_path):
+    cfg = dict(TINY, L=[1], H=[2], n_sweep=[3], sweep_LH=[1, 2])
+    cfg.update(sweep_nodes=2, sweep_particles=3, sweep_steps=1, sweep_record_every=1)
+    data = scaling.run(cfg, tmp_path / "s.json", progress=False)
+    assert not data["failed"]
+    main, sweep = data["points"]["d2-n4-adamw"], data["points"]["d2-n3-adamw"]
+    assert len(main["steps"]) == TINY["steps"] + 1 and main["reference"]["nodes"] == 4
+    assert len(sweep["steps"]) == 2 and sweep["reference"]["nodes"] == 2
+    assert sweep["reference"]["particles"] == 3

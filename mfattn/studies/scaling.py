@@ -122,26 +122,33 @@ PRESETS = {
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
     ),
-    # not run on the 2-core machine (see benchmarks/README.md for its cost)
+    # under 2 hours on 2 cores: the medium grid against the same reference,
+    # with 16 initialisations and K = 200 steps (the horizon); the sweeps at
+    # (2, 4) with their own shorter training (`sweep_*`), n from 4 to 32 masked
+    # and not, d from 2 to 32 per optimiser. A finer reference (J M >> 2048)
+    # or a grid to L H = 1024 needs a GPU (see benchmarks/README.md)
     "full": dict(
         _COMMON,
         dim=4,
         tokens=8,
-        batch=8,
+        batch=4,
         steps=200,
-        record_every=20,
-        nodes=64,
-        particles=512,
-        sweep_particles=256,
-        L=[2, 4, 8, 16],
-        H=[4, 16, 64],
+        record_every=40,
+        nodes=16,
+        particles=128,
+        L=[1, 2, 4],
+        H=[4, 16],
         inits=16,
-        probes=4,
-        n_sweep=[4, 8, 16, 32, 64],
+        probes=2,
+        n_sweep=[4, 8, 32],
         causal_sweep=True,
-        d_sweep=[2, 4, 8, 16, 32],
+        d_sweep=[2, 8, 32],
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
-        sweep_LH=[4, 16],
+        sweep_LH=[2, 4],
+        sweep_nodes=8,
+        sweep_particles=128,
+        sweep_steps=60,
+        sweep_record_every=15,
     ),
 }
 
@@ -283,7 +290,9 @@ class Condition:
     """One (task, optimiser) condition: the limit and its references, the
     discrete models of every grid point, trained on one data stream."""
 
-    def __init__(self, cfg, dim, tokens, opt, causal, grid, particles=None):
+    def __init__(
+        self, cfg, dim, tokens, opt, causal, grid, particles=None, *, nodes=None, steps=None
+    ):
         self.cfg, self.dim, self.tokens, self.opt_name = cfg, dim, tokens, opt
         self.causal, self.grid = causal, [tuple(g) for g in grid]
         self.kernel = mfattn.DenseKernel(causal=True) if causal else None
@@ -300,6 +309,9 @@ class Condition:
         )
         self.Lmax = max(L for L, _ in self.grid)
         self.particles = cfg["particles"] if particles is None else particles
+        self.nodes = cfg["nodes"] if nodes is None else nodes
+        # (K, record_every): the sweeps may train for fewer steps than the main grid
+        self.steps = (cfg["steps"], cfg["record_every"]) if steps is None else tuple(steps)
         self.R = cfg["inits"]
         self.block = cfg["restarts"] * (2 * dim + 1)  # test points per init per call
         self.m = self.R * self.block  # random test points per probe
@@ -334,10 +346,10 @@ class Condition:
             discrete,
             self.task,
             self.opt,
-            cfg["steps"],
+            self.steps[0],
             self.train_key,
             batch_size=cfg["batch"],
-            record_every=cfg["record_every"],
+            record_every=self.steps[1],
         )
 
     def limit_states(self, traj, probes):
@@ -448,7 +460,7 @@ class Condition:
         t0 = time.perf_counter()
         probes = self.probes()
         inits = [self.discrete_inits(L, H) for L, H in self.grid]
-        J, M = cfg["nodes"], self.particles
+        J, M = self.nodes, self.particles
         main = self.train(J, M, self.limit_key, inits)
         log(f"  trained the limit (J={J}, M={M}) and {len(inits)} grid points")
         # references: M vs 4M (with the test parameters), J vs 2J
@@ -634,8 +646,16 @@ def run(preset="quick", out=None, *, progress=True, retry_failed=False, summariz
         log(f"[{i + 1}/{len(conds)}] {cname}: grid {grid}")
         try:
             main = cname == condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
-            M = cfg["particles"] if main else cfg.get("sweep_particles", cfg["particles"])
-            res = Condition(cfg, dim, tokens, opt, causal, grid, M).run(log)
+            if main:
+                M, J, steps = cfg["particles"], cfg["nodes"], None
+            else:  # the sweeps' own reference and training length, where given
+                M = cfg.get("sweep_particles", cfg["particles"])
+                J = cfg.get("sweep_nodes", cfg["nodes"])
+                steps = (
+                    cfg.get("sweep_steps", cfg["steps"]),
+                    cfg.get("sweep_record_every", cfg["record_every"]),
+                )
+            res = Condition(cfg, dim, tokens, opt, causal, grid, M, nodes=J, steps=steps).run(log)
             res["status"] = "done"
         except Exception as e:  # a failed point is recorded and skipped
             res = {"status": "failed", "error": repr(e), "traceback": traceback.format_exc()}
