@@ -20,9 +20,10 @@ limits (`k = 0`, where the own error peaks) and measures:
   the node's `M` heads, and the share of the largest head; the same at a token
   for contrast.
 
-    python -m benchmarks.scaling_adjoint
+    python -m benchmarks.scaling_adjoint [--quick]
 
-Writes `benchmarks/results/scaling_adjoint.json` (a few minutes on 2 cores).
+Writes `benchmarks/results/scaling_adjoint.json` (a few minutes on 2 cores;
+`--quick`: the first probe token set only, `scaling_adjoint_quick.json`).
 """
 
 import argparse
@@ -89,8 +90,10 @@ def _stats(c1, c2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/scaling_adjoint.json")
+    ap.add_argument("--quick", action="store_true", help="the first probe token set only")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    out = args.out or f"benchmarks/results/scaling_adjoint{'_quick' if args.quick else ''}.json"
     t0 = time.perf_counter()
     cfg = scaling.PRESETS["full"]
     c = scaling.Condition(cfg, cfg["dim"], cfg["tokens"], cfg["optimizers"][0], False, [(1, 4)])
@@ -103,7 +106,8 @@ def main(argv=None):
     }
     field = mfattn.AttentionField(cfg["beta"])
     rows, worst = [], None
-    for pi, (measure, loss, z, zl) in enumerate(c.probes()):
+    probes = c.probes()[:1] if args.quick else c.probes()
+    for pi, (measure, loss, z, zl) in enumerate(probes):
         for where, (zz, ll) in {
             "ball": (z, zl),
             "tokens": (measure.points, loss.targets),
@@ -138,15 +142,15 @@ def main(argv=None):
     tok = int(np.linalg.norm(ps[s], axis=-1).argmax())
     at_token = _stats(*_terms(field, node, xs[s], ps[s], xs[s, tok], ps[s, tok]))
     data = {
-        "command": "python -m benchmarks.scaling_adjoint",
+        "command": "python -m benchmarks.scaling_adjoint" + (" --quick" if args.quick else ""),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {jax.devices()[0].platform}",
         "config": {"J": J, "M": M, "beta": cfg["beta"], "dim": cfg["dim"], "tokens": cfg["tokens"]},
         "own_error_k0": rows,
         "worst_point": {
             "probe": pi,
-            "z": np.asarray(c.probes()[pi][2][i]).tolist(),
-            "norm_z": float(np.linalg.norm(c.probes()[pi][2][i])),
+            "z": np.asarray(probes[pi][2][i]).tolist(),
+            "norm_z": float(np.linalg.norm(probes[pi][2][i])),
             "max_token_norm": float(np.linalg.norm(measure.points, axis=-1).max()),
             "node": j,
             "nodes": 2 * J,
@@ -157,7 +161,7 @@ def main(argv=None):
         },
         "wall_seconds": time.perf_counter() - t0,
     }
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(out)
     out.write_text(json.dumps(data, indent=1))
     for r in rows:
         print(r)
