@@ -40,6 +40,11 @@ training steps `k`:
   the quantity they are compared with are excluded from its fits and marked;
 - the limit's displacement `max_z |z_k(1) - z_0(1)|`.
 
+The sweeps (over `n`, masked and not, and over `d` per optimiser, at one grid
+point) may use their own reference and training length: `sweep_nodes`,
+`sweep_particles`, `sweep_steps`, `sweep_record_every` (default: the main
+grid's).
+
 Results go, per condition, to `<out>_points/<condition>.json` (an interrupted
 run resumes there; a failed condition is recorded with its error and skipped),
 and together with the fits (`mfattn.power_law_fit`, `mfattn.jackknife`: `t`
@@ -1095,7 +1100,11 @@ def plot(data, out):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
         for ax, q, title in [
             (axes[0], "lemma6", "Lemma 6: max |theta - theta~|"),
-            (axes[1], "state_total_kK", f"error of the state at k = {cfg['steps']} (random z)"),
+            (
+                axes[1],
+                "state_total_kK",
+                f"error of the state at k = {cfg.get('sweep_steps', cfg['steps'])} (random z)",
+            ),
         ]:
             for i, (opt, f) in enumerate(fits["lemma6"].items()):
                 # distinct markers: optimisers that coincide stay visible
@@ -1125,6 +1134,7 @@ def report(data) -> str:
     lines = [
         f"{len(pts)} conditions done, {len(data['failed'])} failed; "
         f"{cfg['inits']} inits, K = {cfg['steps']}"
+        + (f" (sweeps: K = {cfg['sweep_steps']})" if "sweep_steps" in cfg else "")
     ]
     for name, c in pts.items():
         r = c["reference"]
