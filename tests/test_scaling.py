@@ -17,6 +17,7 @@ TINY = dict(
     record_every=1,
     nodes=4,
     particles=4,
+    sweep_particles=4,
     L=[1, 2],
     H=[2, 4],
     inits=4,
@@ -178,13 +179,31 @@ def test_summary_recovers_known_answers(tmp_path, monkeypatch):
     assert "| 1 | 2 |" in scaling.table(data)
 
 
+def test_sweeps_with_their_own_settings_are_not_merged_into_the_main_grid():
+    base = dict(TINY, n_sweep=[3, 4], causal_sweep=True, sweep_LH=[1, 2])
+    # shared settings: the point (1, 2) at n = 4 joins the main condition
+    assert "d2-n4-adamw-sweep" not in scaling.conditions(base)
+    for key, value in [("sweep_steps", 1), ("sweep_nodes", 2), ("sweep_record_every", 2)]:
+        conds = scaling.conditions(dict(base, **{key: value}))
+        assert conds["d2-n4-adamw"][4] == [(1, 2), (1, 4), (2, 2), (2, 4)]
+        assert conds["d2-n4-adamw-sweep"][4] == [(1, 2)]
+        assert conds["d2-n4-adamw-causal"][4] == [(1, 2)]
+        names = [
+            scaling.sweep_condition_name(dict(base, **{key: value}), 2, n, "adamw") for n in (3, 4)
+        ]
+        assert names == ["d2-n3-adamw", "d2-n4-adamw-sweep"]
+
+
 @pytest.mark.slow
 def test_sweeps_use_their_own_reference_and_training_length(tmp_path):
-    cfg = dict(TINY, L=[1], H=[2], n_sweep=[3], sweep_LH=[1, 2])
-    cfg.update(sweep_nodes=2, sweep_particles=3, sweep_steps=1, sweep_record_every=1)
+    cfg = dict(TINY, L=[1], H=[2], n_sweep=[3, 4], sweep_LH=[1, 2])
+    cfg.update(sweep_nodes=2, sweep_particles=3, sweep_steps=2, sweep_record_every=2)
     data = scaling.run(cfg, tmp_path / "s.json", progress=False)
     assert not data["failed"]
-    main, sweep = data["points"]["d2-n4-adamw"], data["points"]["d2-n3-adamw"]
-    assert len(main["steps"]) == TINY["steps"] + 1 and main["reference"]["nodes"] == 4
-    assert len(sweep["steps"]) == 2 and sweep["reference"]["nodes"] == 2
-    assert sweep["reference"]["particles"] == 3
+    main = data["points"]["d2-n4-adamw"]
+    assert main["steps"] == [0, 1, 2] and main["reference"]["nodes"] == 4
+    for name in ("d2-n3-adamw", "d2-n4-adamw-sweep"):
+        sweep = data["points"][name]
+        assert sweep["steps"] == [0, 2] and sweep["reference"]["nodes"] == 2
+        assert sweep["reference"]["particles"] == 3
+    assert set(data["fits"]["total_vs_n_unmasked"]["state_total"]["x"]) <= {3, 4}

@@ -590,21 +590,42 @@ class Condition:
 
 
 # --- orchestration ----------------------------------------------------------------
+def _sweeps_apart(cfg) -> bool:
+    """Whether the sweeps are trained or referenced unlike the main grid
+    (`sweep_nodes`, `sweep_particles`, `sweep_steps`, `sweep_record_every`)."""
+    return any(
+        cfg.get("sweep_" + k, cfg[k]) != cfg[k]
+        for k in ("nodes", "particles", "steps", "record_every")
+    )
+
+
+def sweep_condition_name(cfg, dim, tokens, opt, causal=False):
+    """The condition that holds a sweep point: the main condition's own name
+    when the sweeps share its settings (the point joins its grid), else a
+    separate `-sweep` condition, so that every point of a sweep is measured
+    alike."""
+    name = condition_name(dim, tokens, opt, causal)
+    main = condition_name(cfg["dim"], cfg["tokens"], cfg["optimizers"][0])
+    return name + "-sweep" if name == main and _sweeps_apart(cfg) else name
+
+
 def conditions(cfg):
     """`{name: (dim, tokens, opt, causal, grid)}`: the main grid, then the sweeps."""
     grid = [(L, H) for L in cfg["L"] for H in cfg["H"]]
     sweep = [tuple(cfg["sweep_LH"])]
     out = {}
 
-    def add(dim, tokens, opt, causal, pts):
-        name = condition_name(dim, tokens, opt, causal)
+    def add(dim, tokens, opt, causal, pts, main=False):
+        name = (condition_name if main else partial(sweep_condition_name, cfg))(
+            dim, tokens, opt, causal
+        )
         if name in out:
             have = out[name][4]
             out[name] = (dim, tokens, opt, causal, have + [p for p in pts if p not in have])
         else:
             out[name] = (dim, tokens, opt, causal, list(pts))
 
-    add(cfg["dim"], cfg["tokens"], cfg["optimizers"][0], False, grid)
+    add(cfg["dim"], cfg["tokens"], cfg["optimizers"][0], False, grid, main=True)
     for n in cfg["n_sweep"]:
         add(cfg["dim"], n, cfg["optimizers"][0], False, sweep)
         if cfg["causal_sweep"]:
@@ -862,7 +883,7 @@ def summarize(data):
 
     opt0 = cfg["optimizers"][0]
     for causal in (False, True):
-        names = [condition_name(cfg["dim"], n, opt0, causal) for n in cfg["n_sweep"]]
+        names = [sweep_condition_name(cfg, cfg["dim"], n, opt0, causal) for n in cfg["n_sweep"]]
         if not any(n in pts for n in names):
             continue
         tag = "causal" if causal else "unmasked"
@@ -883,7 +904,7 @@ def summarize(data):
         )
     lemma6 = {}
     for opt in cfg["optimizers"]:
-        names = [condition_name(d, cfg["tokens"], opt) for d in cfg["d_sweep"]]
+        names = [sweep_condition_name(cfg, d, cfg["tokens"], opt) for d in cfg["d_sweep"]]
         if not any(n in pts for n in names):
             continue
         lemma6[opt] = {"lemma6": sweep(names, cfg["d_sweep"], "lemma6", lambda r: r["lemma6"])}
