@@ -127,10 +127,10 @@ PRESETS = {
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
     ),
-    # under 2 hours on 2 cores: the medium grid against the same reference,
+    # about 2 hours on 2 cores: the medium grid against the same reference,
     # with 16 initialisations and K = 200 steps (the horizon); the sweeps at
-    # (2, 4) with their own shorter training (`sweep_*`), n from 4 to 32 masked
-    # and not, d from 2 to 32 per optimiser. A finer reference (J M >> 2048)
+    # (2, 4) with their own shorter training (`sweep_*`), n = 4 and 32 masked
+    # and not, d = 2 and 32 per optimiser. A finer reference (J M >> 2048)
     # or a grid to L H = 1024 needs a GPU (see benchmarks/README.md)
     "full": dict(
         _COMMON,
@@ -145,15 +145,15 @@ PRESETS = {
         H=[4, 16],
         inits=16,
         probes=2,
-        n_sweep=[4, 8, 32],
+        n_sweep=[4, 32],
         causal_sweep=True,
-        d_sweep=[2, 8, 32],
+        d_sweep=[2, 32],
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
         sweep_nodes=8,
         sweep_particles=128,
         sweep_steps=60,
-        sweep_record_every=15,
+        sweep_record_every=30,
     ),
 }
 
@@ -630,8 +630,8 @@ def conditions(cfg):
         add(cfg["dim"], n, cfg["optimizers"][0], False, sweep)
         if cfg["causal_sweep"]:
             add(cfg["dim"], n, cfg["optimizers"][0], True, sweep)
-    for opt in cfg["optimizers"] if cfg["d_sweep"] else []:
-        for d in cfg["d_sweep"]:
+    for d in cfg["d_sweep"]:  # every optimiser at one d before the next d
+        for opt in cfg["optimizers"]:
             add(d, cfg["tokens"], opt, False, sweep)
     return out
 
