@@ -207,3 +207,20 @@ def test_sweeps_use_their_own_reference_and_training_length(tmp_path):
         assert sweep["steps"] == [0, 2] and sweep["reference"]["nodes"] == 2
         assert sweep["reference"]["particles"] == 3
     assert set(data["fits"]["total_vs_n_unmasked"]["state_total"]["x"]) <= {3, 4}
+
+
+def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp_path, monkeypatch):
+    def coarse_reference(self, log=print):
+        out = _synthetic_run(self, log)
+        for k in ("M_vs_4M", "J_vs_2J"):
+            for p in ("", "_state", "_adjoint"):  # above a fifth of every bias 0.5 / L
+                out["reference"][k + p] = [0.2] * len(out["steps"])
+        return out
+
+    cfg = dict(TINY, L=[1, 2, 4], H=[2, 4])
+    monkeypatch.setattr(scaling.Condition, "run", coarse_reference)
+    data = scaling.run(cfg, tmp_path / "s.json", progress=False)
+    for prefix in ("", "state_"):
+        f = data["fits"][prefix + "bias_vs_L"]
+        assert f["slope"] is None and f["excluded"] == [1, 2, 4] and "five times" in f["why"]
+    assert "bias vs L (H = 4): not fitted" in scaling.report(data)

@@ -803,14 +803,32 @@ def summarize(data):
         for prefix in PARTS:
             V = {k: _view(P[k], prefix) for k in grid}
             # bias against L at the largest H (jackknife over inits of the slope)
-            keys = [k for k in grid if P[k]["H"] == Hmax and ok(k, prefix + "bias")]
+            at_H = sorted((k for k in grid if P[k]["H"] == Hmax), key=lambda k: P[k]["L"])
+            keys = [k for k in at_H if ok(k, prefix + "bias")]
+            excluded = [P[k]["L"] for k in at_H if k not in keys]
             if len(keys) >= 2 and enough:
                 V2 = {k: dict(V[k], L=P[k]["L"]) for k in keys}
                 fits[prefix + "bias_vs_L"] = dict(
                     _bias_vs_L(V2, keys),
                     H=Hmax,
                     resolved=[marks[main][k][prefix + "bias_resolved"] for k in keys],
+                    excluded=excluded,
                 )
+            else:  # recorded, with why it is not fitted
+                fits[prefix + "bias_vs_L"] = {
+                    "L": [P[k]["L"] for k in at_H],
+                    "bias": [V[k]["bias"] for k in at_H],
+                    "H": Hmax,
+                    "excluded": excluded,
+                    "slope": None,
+                    "slope_ci": None,
+                    "why": (
+                        "fewer than 4 initialisations"
+                        if not enough
+                        else "fewer than 2 depths whose bias is above five times the "
+                        "limit's own error"
+                    ),
+                }
             # `E = c L^a H^b`: the error (max over steps), the fluctuation (max
             # over steps, at k = 0 and at the last step: the part training adds)
             total = "total" if prefix == "" else "total_random"
@@ -1181,12 +1199,14 @@ def report(data) -> str:
             "not printed is one the data cannot support"
         )
     for prefix in PARTS:
-        if prefix + "bias_vs_L" in fits:
-            f = fits[prefix + "bias_vs_L"]
+        f = fits.get(prefix + "bias_vs_L")
+        if f is not None and f["slope"] is not None:
             lines.append(
                 f"{prefix}bias vs L (H = {f['H']}, L = {f['L']}): slope {f['slope']:+.2f} "
                 f"[{f['slope_ci'][0]:+.2f}, {f['slope_ci'][1]:+.2f}]"
             )
+        elif f is not None:
+            lines.append(f"{prefix}bias vs L (H = {f['H']}): not fitted, {f['why']}")
         for q in ("total", "total_kK", "fluctuation", "fluctuation_k0", "fluctuation_kK", "lemma6"):
             k = f"{prefix}{q}_vs_LH"
             if k in fits:
