@@ -610,7 +610,8 @@ def sweep_condition_name(cfg, dim, tokens, opt, causal=False):
 
 
 def conditions(cfg):
-    """`{name: (dim, tokens, opt, causal, grid)}`: the main grid, then the sweeps."""
+    """`{name: (dim, tokens, opt, causal, grid)}`, in the order they run: the
+    main grid, the `d` sweep, the `n` sweep."""
     grid = [(L, H) for L in cfg["L"] for H in cfg["H"]]
     sweep = [tuple(cfg["sweep_LH"])]
     out = {}
@@ -626,13 +627,13 @@ def conditions(cfg):
             out[name] = (dim, tokens, opt, causal, list(pts))
 
     add(cfg["dim"], cfg["tokens"], cfg["optimizers"][0], False, grid, main=True)
+    for d in cfg["d_sweep"]:  # every optimiser at one d before the next d
+        for opt in cfg["optimizers"]:
+            add(d, cfg["tokens"], opt, False, sweep)
     for n in cfg["n_sweep"]:
         add(cfg["dim"], n, cfg["optimizers"][0], False, sweep)
         if cfg["causal_sweep"]:
             add(cfg["dim"], n, cfg["optimizers"][0], True, sweep)
-    for d in cfg["d_sweep"]:  # every optimiser at one d before the next d
-        for opt in cfg["optimizers"]:
-            add(d, cfg["tokens"], opt, False, sweep)
     return out
 
 
