@@ -224,3 +224,20 @@ def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp
         f = data["fits"][prefix + "bias_vs_L"]
         assert f["slope"] is None and f["excluded"] == [1, 2, 4] and "five times" in f["why"]
     assert "bias vs L (H = 4): not fitted" in scaling.report(data)
+
+
+def test_limit_evaluation_in_blocks_matches_one_solve():
+    jax = pytest.importorskip("jax")
+    cfg = dict(TINY)
+    c = scaling.Condition(cfg, 2, 4, "adamw", False, [(1, 2)])
+    measure, loss, z, zl = c.probes()[0]
+    grid = c.limit_model(4, 4, c.limit_key).params
+    whole = scaling.limit_eval_blocks(grid, measure, loss, z, zl, 1.0, None, 4)
+    # 26 bytes x 16 parameter particles x d^2 = 4: blocks of 3 test particles
+    blocks = scaling.limit_eval_blocks(grid, measure, loss, z, zl, 1.0, None, 4, memory=26 * 64 * 3)
+    assert z.shape[0] % 3 != 0  # the last block is padded
+    for a, b in zip(whole, blocks):
+        assert a.shape == b.shape == (5, z.shape[0], 2)
+        # the same solves up to the adaptive solver's steps (rtol 1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert jax.numpy.asarray(whole[1]).std() > 0

@@ -227,6 +227,34 @@ def _limit_eval(grid, measure, loss, z, zl, beta, kernel, T):
     return sol.test_xs, sol.test_ps
 
 
+def limit_eval_blocks(grid, measure, loss, z, zl, beta, kernel, T, memory=2e9):
+    """`_limit_eval` over blocks of test particles, each block's solve kept
+    within about `memory` bytes (measured: about 26 bytes per test particle,
+    parameter particle and entry of a `d x d` matrix; at `d = 32` one solve of
+    2080 test particles against `J M = 1024` particles asked for 57 GB). Test
+    particles do not act on the tokens, so the blocks are independent up to
+    the adaptive solver's step sizes. The last block is padded (repeating its
+    last point) so that every block has one shape: one compilation."""
+    m, d = z.shape
+    heads = grid.Q.shape[0] * grid.Q.shape[1]
+    block = max(1, int(memory // (26 * heads * d * d)))
+    if block >= m:
+        return tuple(
+            np.asarray(a) for a in _limit_eval(grid, measure, loss, z, zl, beta, kernel, T)
+        )
+    pad = -m % block
+    z = jnp.concatenate([jnp.asarray(z), jnp.repeat(jnp.asarray(z)[-1:], pad, 0)])
+    zl = jnp.concatenate([jnp.asarray(zl), jnp.repeat(jnp.asarray(zl)[-1:], pad, 0)])
+    xs, ps = [], []
+    for i in range(0, m + pad, block):
+        x, p = _limit_eval(
+            grid, measure, loss, z[i : i + block], zl[i : i + block], beta, kernel, T
+        )
+        xs.append(np.asarray(x))
+        ps.append(np.asarray(p))
+    return np.concatenate(xs, axis=1)[:, :m], np.concatenate(ps, axis=1)[:, :m]
+
+
 @partial(jax.jit, static_argnames=("beta", "kernel"))
 def _discrete_eval(params, measures, losses, z, zl, beta, kernel):
     """Per initialisation `r`: its params `(R, L, H, d, k)`, token set, and test
@@ -315,6 +343,8 @@ class Condition:
         self.Lmax = max(L for L, _ in self.grid)
         self.particles = cfg["particles"] if particles is None else particles
         self.nodes = cfg["nodes"] if nodes is None else nodes
+        # bytes one solve of the limit's test particles may take (not a preset key)
+        self.memory = cfg.get("limit_memory_bytes", 2e9)
         # (K, record_every): the sweeps may train for fewer steps than the main grid
         self.steps = (cfg["steps"], cfg["record_every"]) if steps is None else tuple(steps)
         self.R = cfg["inits"]
@@ -362,11 +392,8 @@ class Condition:
         beta = self.cfg["beta"]
         return [
             [
-                tuple(
-                    np.asarray(a)
-                    for a in _limit_eval(
-                        _tree_index(traj, s), m, lo, z, zl, beta, self.kernel, self.Lmax
-                    )
+                limit_eval_blocks(
+                    _tree_index(traj, s), m, lo, z, zl, beta, self.kernel, self.Lmax, self.memory
                 )
                 for m, lo, z, zl in probes
             ]
@@ -426,7 +453,7 @@ class Condition:
                     [pts[:, :, None], pts[:, :, None] + eye, pts[:, :, None] - eye], axis=2
                 ).reshape(R, b, d)
                 lab = np.repeat(labels, 2 * d + 1, axis=1).reshape(R, b, d)
-                lx, lp = _limit_eval(
+                lx, lp = limit_eval_blocks(
                     lim,
                     measure,
                     loss,
@@ -435,6 +462,7 @@ class Condition:
                     cfg["beta"],
                     self.kernel,
                     self.Lmax,
+                    self.memory,
                 )
                 lx = np.asarray(lx)[::every].reshape(-1, R, b, d).transpose(1, 0, 2, 3)
                 lp = np.asarray(lp)[::every].reshape(-1, R, b, d).transpose(1, 0, 2, 3)
