@@ -127,11 +127,12 @@ PRESETS = {
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
     ),
-    # 3.0 h on 2 cores (71 min of it the d = 32 sweep): the medium grid against the same reference,
-    # with 16 initialisations and K = 200 steps (the horizon); the sweeps at
-    # (2, 4) with their own shorter training (`sweep_*`), n = 4 and 32 masked
-    # and not, d = 2 and 32 per optimiser. A finer reference (J M >> 2048)
-    # or a grid to L H = 1024 needs a GPU (see benchmarks/README.md)
+    # 3.0 h on 2 cores (71 min of it the d = 32 sweep): the medium grid
+    # against the same reference, with 16 initialisations and K = 200 steps
+    # (the horizon); the sweeps at (2, 4) with their own shorter training
+    # (`sweep_*`), n = 4 and 32 masked and not, d = 2 and 32 per optimiser.
+    # A finer reference (J M >> 2048) or a grid to L H = 1024 needs a GPU
+    # (see benchmarks/README.md)
     "full": dict(
         _COMMON,
         dim=4,
@@ -237,11 +238,7 @@ def limit_eval_blocks(grid, measure, loss, z, zl, beta, kernel, T, memory=2e9):
     last point) so that every block has one shape: one compilation."""
     m, d = z.shape
     heads = grid.Q.shape[0] * grid.Q.shape[1]
-    block = max(1, int(memory // (26 * heads * d * d)))
-    if block >= m:
-        return tuple(
-            np.asarray(a) for a in _limit_eval(grid, measure, loss, z, zl, beta, kernel, T)
-        )
+    block = min(m, max(1, int(memory // (26 * heads * d * d))))
     pad = -m % block
     z = jnp.concatenate([jnp.asarray(z), jnp.repeat(jnp.asarray(z)[-1:], pad, 0)])
     zl = jnp.concatenate([jnp.asarray(zl), jnp.repeat(jnp.asarray(zl)[-1:], pad, 0)])
@@ -645,9 +642,10 @@ def conditions(cfg):
     out = {}
 
     def add(dim, tokens, opt, causal, pts, main=False):
-        name = (condition_name if main else partial(sweep_condition_name, cfg))(
-            dim, tokens, opt, causal
-        )
+        if main:
+            name = condition_name(dim, tokens, opt, causal)
+        else:
+            name = sweep_condition_name(cfg, dim, tokens, opt, causal)
         if name in out:
             have = out[name][4]
             out[name] = (dim, tokens, opt, causal, have + [p for p in pts if p not in have])
