@@ -110,6 +110,13 @@ def test_adversarial_sup_finds_the_farthest_point_of_the_ball():
     vg = mfattn.central_difference(err, 1e-6)
     fd = mfattn.adversarial_sup(None, starts, 2.0, steps=30, step_size=0.3, value_and_grad=vg)
     assert abs(fd.value - out.value) < 1e-6
+    # given both, the last step is evaluated by `error_fn` alone (no stencil),
+    # and the answer is the same
+    calls = []
+    spy = lambda z: (calls.append(z.shape), err(z))[1]
+    both = mfattn.adversarial_sup(spy, starts, 2.0, steps=30, step_size=0.3, value_and_grad=vg)
+    assert calls == [(2, 3)] and both.value == fd.value
+    assert np.allclose(both.values, fd.values, rtol=1e-12, atol=0)
 
 
 def test_adversarial_sup_restarts_escape_a_local_maximum():

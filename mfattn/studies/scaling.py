@@ -77,6 +77,12 @@ _COMMON = dict(
     eta=0.02,
     weight_decay=1e-3,
     restarts=2,
+    # random test points per initialisation and probe (18 = the stencil count
+    # of d = 4, which every d now shares)
+    test_points=18,
+    # test particles per solve of the limit: solves of 18 cost a third to a
+    # fifth of solves of 288 per particle (see `limit_eval_blocks`)
+    limit_block=18,
     adversarial_steps=4,
     adversarial_step_size=0.15,
 )
@@ -228,17 +234,21 @@ def _limit_eval(grid, measure, loss, z, zl, beta, kernel, T):
     return sol.test_xs, sol.test_ps
 
 
-def limit_eval_blocks(grid, measure, loss, z, zl, beta, kernel, T, memory=2e9):
-    """`_limit_eval` over blocks of test particles, each block's solve kept
-    within about `memory` bytes (measured: about 26 bytes per test particle,
-    parameter particle and entry of a `d x d` matrix; at `d = 32` one solve of
-    2080 test particles against `J M = 1024` particles asked for 57 GB). Test
-    particles do not act on the tokens, so the blocks are independent up to
-    the adaptive solver's step sizes. The last block is padded (repeating its
-    last point) so that every block has one shape: one compilation."""
+def limit_eval_blocks(grid, measure, loss, z, zl, beta, kernel, T, memory=2e9, block=None):
+    """`_limit_eval` over blocks of test particles: at most `block` per solve
+    (default: all), and each block's solve kept within about `memory` bytes
+    (measured: about 26 bytes per test particle, parameter particle and entry
+    of a `d x d` matrix; at `d = 32` one solve of 2080 test particles against
+    `J M = 1024` particles asked for 57 GB). Test particles do not act on the
+    tokens, so the blocks are independent up to the adaptive solver's step
+    sizes; small blocks are also faster (measured on 2 cores, `d = 4`, `n =
+    4`: 5 ms per test particle in solves of 18 against 17 ms in solves of 288
+    at `J M = 1024`, 13 against 70 ms at `J M = 4096`). The last block is
+    padded (repeating its last point) so that every block has one shape: one
+    compilation."""
     m, d = z.shape
     heads = grid.Q.shape[0] * grid.Q.shape[1]
-    block = min(m, max(1, int(memory // (26 * heads * d * d))))
+    block = min(m, block or m, max(1, int(memory // (26 * heads * d * d))))
     pad = -m % block
     z = jnp.concatenate([jnp.asarray(z), jnp.repeat(jnp.asarray(z)[-1:], pad, 0)])
     zl = jnp.concatenate([jnp.asarray(zl), jnp.repeat(jnp.asarray(zl)[-1:], pad, 0)])
@@ -342,10 +352,14 @@ class Condition:
         self.nodes = cfg["nodes"] if nodes is None else nodes
         # bytes one solve of the limit's test particles may take (not a preset key)
         self.memory = cfg.get("limit_memory_bytes", 2e9)
+        # test particles per solve of the limit (older configurations: all)
+        self.limit_block = cfg.get("limit_block")
         # (K, record_every): the sweeps may train for fewer steps than the main grid
         self.steps = (cfg["steps"], cfg["record_every"]) if steps is None else tuple(steps)
         self.R = cfg["inits"]
-        self.block = cfg["restarts"] * (2 * dim + 1)  # test points per init per call
+        # random test points per init and probe (older configurations: the
+        # ascent's stencil size, `restarts (2d + 1)`)
+        self.block = cfg.get("test_points", cfg["restarts"] * (2 * dim + 1))
         self.m = self.R * self.block  # random test points per probe
 
     # ---- pieces
@@ -390,7 +404,16 @@ class Condition:
         return [
             [
                 limit_eval_blocks(
-                    _tree_index(traj, s), m, lo, z, zl, beta, self.kernel, self.Lmax, self.memory
+                    _tree_index(traj, s),
+                    m,
+                    lo,
+                    z,
+                    zl,
+                    beta,
+                    self.kernel,
+                    self.Lmax,
+                    self.memory,
+                    self.limit_block,
                 )
                 for m, lo, z, zl in probes
             ]
@@ -420,69 +443,84 @@ class Condition:
     # ---- the adversarial sup for one grid point
     def adversarial(self, disc_traj, lim_traj, probes, per_init_step_probe, err_random):
         """Ascent from each init's `restarts` worst random `z` (at the step and
-        probe where its error peaks): returns the best error per init."""
-        cfg, R, b, c, d = self.cfg, self.R, self.block, self.cfg["restarts"], self.dim
-        h = 1e-5 * self.task.radius
+        probe where its error peaks): returns the best error per init. The
+        inits that peak at one (step, probe) ascend together, and only they
+        are solved (padded to a power of two: few shapes, few compilations)."""
         best = np.array(err_random, float)
         groups = {}
         for r, (s, p, worst) in enumerate(per_init_step_probe):
             groups.setdefault((s, p), []).append((r, worst))
         for (s, p), members in groups.items():
-            measure, loss, z, zl = probes[p]
-            lim = _tree_index(lim_traj, s)
-            params = _tree_index(disc_traj, s)
-            ms, ls = _stack(measure, R), _stack(loss, R)
-            # starts and labels, per init (the members; the others ride along)
-            starts = np.zeros((R, c, d))
-            labels = np.zeros((R, c, d))
-            for r, worst in members:
-                starts[r] = np.asarray(z)[worst]
-                labels[r] = np.asarray(zl)[worst]
-
-            def value_and_grad(
-                flat, labels=labels, ms=ms, ls=ls, lim=lim, params=params, probe=probes[p]
-            ):
-                measure, loss, every = probe[0], probe[1], self.Lmax // params.Q.shape[1]
-                # flat (R c, d) -> the error of each point and its central-difference gradient
-                pts = flat.reshape(R, c, d)
-                eye = h * np.eye(d)
-                sten = np.concatenate(
-                    [pts[:, :, None], pts[:, :, None] + eye, pts[:, :, None] - eye], axis=2
-                ).reshape(R, b, d)
-                lab = np.repeat(labels, 2 * d + 1, axis=1).reshape(R, b, d)
-                lx, lp = limit_eval_blocks(
-                    lim,
-                    measure,
-                    loss,
-                    jnp.asarray(sten.reshape(R * b, d)),
-                    jnp.asarray(lab.reshape(R * b, d)),
-                    cfg["beta"],
-                    self.kernel,
-                    self.Lmax,
-                    self.memory,
-                )
-                lx = np.asarray(lx)[::every].reshape(-1, R, b, d).transpose(1, 0, 2, 3)
-                lp = np.asarray(lp)[::every].reshape(-1, R, b, d).transpose(1, 0, 2, 3)
-                dx, dp = _discrete_eval(
-                    params, ms, ls, jnp.asarray(sten), jnp.asarray(lab), cfg["beta"], self.kernel
-                )
-                e = _err((np.asarray(dx), np.asarray(dp)), (lx, lp)).max(axis=1)  # (R, b)
-                e = e.reshape(R, c, 2 * d + 1)
-                grad = (e[..., 1 : d + 1] - e[..., d + 1 :]) / (2 * h)
-                return jnp.asarray(e[..., 0].reshape(R * c)), jnp.asarray(grad.reshape(R * c, d))
-
-            res = mfattn.adversarial_sup(
-                None,
-                jnp.asarray(starts.reshape(R * c, d)),
-                self.task.radius,
-                steps=cfg["adversarial_steps"],
-                step_size=cfg["adversarial_step_size"],
-                value_and_grad=value_and_grad,
+            z, zl = np.asarray(probes[p][2]), np.asarray(probes[p][3])
+            idx = [r for r, _ in members]
+            idx = np.array(idx + [idx[-1]] * ((1 << (len(idx) - 1).bit_length()) - len(idx)))
+            worst = dict(members)
+            vals = self._ascend(
+                jax.tree.map(lambda a, s=s, idx=idx: jnp.asarray(np.asarray(a[s])[idx]), disc_traj),
+                _tree_index(lim_traj, s),
+                probes[p],
+                np.stack([z[worst[r]] for r in idx]),
+                np.stack([zl[worst[r]] for r in idx]),
             )
-            vals = np.asarray(res.values).reshape(R, c).max(axis=1)
-            for r, _ in members:
-                best[r] = max(best[r], vals[r])
+            for i, (r, _) in enumerate(members):
+                best[r] = max(best[r], vals[i])
         return best
+
+    def _ascend(self, params, lim, probe, starts, labels):
+        """The ascent of `g` inits (`params` `(g, L, H, d, k)`) against the limit
+        `lim` at one probe, from `starts` `(g, c, d)` with their labels: the
+        best error of each init."""
+        cfg, d = self.cfg, self.dim
+        g, c = starts.shape[:2]
+        h = 1e-5 * self.task.radius
+        measure, loss = probe[0], probe[1]
+        ms, ls = _stack(measure, g), _stack(loss, g)
+        every = self.Lmax // params.Q.shape[1]
+
+        def errors(pts, lab):
+            """`(g, q, d)` points of each init -> `(g, q)` errors."""
+            q = pts.shape[1]
+            lx, lp = limit_eval_blocks(
+                lim,
+                measure,
+                loss,
+                jnp.asarray(pts.reshape(g * q, d)),
+                jnp.asarray(lab.reshape(g * q, d)),
+                cfg["beta"],
+                self.kernel,
+                self.Lmax,
+                self.memory,
+                self.limit_block,
+            )
+            lx = lx[::every].reshape(-1, g, q, d).transpose(1, 0, 2, 3)
+            lp = lp[::every].reshape(-1, g, q, d).transpose(1, 0, 2, 3)
+            dx, dp = _discrete_eval(
+                params, ms, ls, jnp.asarray(pts), jnp.asarray(lab), cfg["beta"], self.kernel
+            )
+            return _err((np.asarray(dx), np.asarray(dp)), (lx, lp)).max(axis=1)
+
+        def error_fn(flat):
+            return jnp.asarray(errors(np.asarray(flat).reshape(g, c, d), labels).reshape(-1))
+
+        def value_and_grad(flat):
+            # central differences: one call on the (2d + 1)-point stencils
+            pts = np.asarray(flat).reshape(g, c, 1, d)
+            eye = h * np.eye(d)
+            sten = np.concatenate([pts, pts + eye, pts - eye], axis=2)  # (g, c, 2d + 1, d)
+            lab = np.repeat(labels[:, :, None], 2 * d + 1, axis=2)
+            e = errors(sten.reshape(g, -1, d), lab.reshape(g, -1, d)).reshape(g, c, 2 * d + 1)
+            grad = (e[..., 1 : d + 1] - e[..., d + 1 :]) / (2 * h)
+            return jnp.asarray(e[..., 0].reshape(-1)), jnp.asarray(grad.reshape(-1, d))
+
+        res = mfattn.adversarial_sup(
+            error_fn,  # the last step's values (no stencil)
+            jnp.asarray(starts.reshape(g * c, d)),
+            self.task.radius,
+            steps=cfg["adversarial_steps"],
+            step_size=cfg["adversarial_step_size"],
+            value_and_grad=value_and_grad,
+        )
+        return np.asarray(res.values).reshape(g, c).max(axis=1)
 
     # ---- the whole condition
     def run(self, log=print):
