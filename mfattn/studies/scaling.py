@@ -3,7 +3,7 @@ transformer (`L` layers, `H` heads) is from its trained mean-field limit, where
 training matters.
 
     python -m benchmarks.scaling --quick       # the quick preset (minutes)
-    python -m benchmarks.scaling --medium      # about an hour on 2 cores
+    python -m benchmarks.scaling --medium      # about 25 min on 2 cores
     python -m benchmarks.scaling               # the full preset (see PRESETS)
     python -m mfattn                           # = the quick preset
 
@@ -109,10 +109,10 @@ PRESETS = {
         optimizers=["adamw"],
         sweep_LH=[2, 4],
     ),
-    # about an hour on 2 cores (65 min of condition time measured, sharing them
-    # with other jobs): the grid L H <= 64 against J M = 2048 (the limit's
-    # Monte-Carlo error of the state is about sqrt(L H / (J M)) of the
-    # fluctuation), the sweeps at (2, 4), two values each of n and d
+    # 25 min on 2 cores (measured, idle, 2026-11-24): the grid L H <= 64
+    # against J M = 2048 (the limit's Monte-Carlo error of the state is about
+    # sqrt(L H / (J M)) of the fluctuation), the sweeps at (2, 4), two values
+    # each of n and d
     "medium": dict(
         _COMMON,
         dim=4,
@@ -133,7 +133,7 @@ PRESETS = {
         optimizers=["adamw", "blockwise_sum", "blockwise_mean"],
         sweep_LH=[2, 4],
     ),
-    # 3.0 h on 2 cores (71 min of it the d = 32 sweep): the medium grid
+    # 53 min on 2 cores (measured, idle, 2026-11-24): the medium grid
     # against the same reference, with 16 initialisations and K = 200 steps
     # (the horizon); the sweeps at (2, 4) with their own shorter training
     # (`sweep_*`), n = 4 and 32 masked and not, d = 2 and 32 per optimiser.
@@ -1331,7 +1331,7 @@ def main(argv=None):
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the quick preset (minutes)")
     g.add_argument(
-        "--medium", action="store_true", help="the medium preset (about an hour on 2 cores)"
+        "--medium", action="store_true", help="the medium preset (about 25 min on 2 cores)"
     )
     ap.add_argument(
         "--out", default=None, help="JSON output (PNGs and per-condition files next to it)"
