@@ -227,7 +227,7 @@ def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp
 
 
 def test_limit_evaluation_in_blocks_matches_one_solve():
-    cfg = dict(TINY)
+    cfg = dict(TINY, test_points=10)  # 40 test particles per probe
     c = scaling.Condition(cfg, 2, 4, "adamw", False, [(1, 2)])
     measure, loss, z, zl = c.probes()[0]
     grid = c.limit_model(4, 4, c.limit_key).params
@@ -240,3 +240,9 @@ def test_limit_evaluation_in_blocks_matches_one_solve():
         # the same solves up to the adaptive solver's steps (rtol 1e-6)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert np.std(whole[1]) > 0
+    # `block=` caps the particles per solve below the memory's cap (the
+    # study's `limit_block`): the same answer
+    capped = scaling.limit_eval_blocks(grid, measure, loss, z, zl, 1.0, None, 4, block=7)
+    assert z.shape[0] % 7 != 0
+    for a, b in zip(whole, capped):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
