@@ -499,18 +499,11 @@ class Condition:
             )
             return _err((np.asarray(dx), np.asarray(dp)), (lx, lp)).max(axis=1)
 
-        def error_fn(flat):
-            return jnp.asarray(errors(np.asarray(flat).reshape(g, c, d), labels).reshape(-1))
-
-        def value_and_grad(flat):
-            # central differences: one call on the (2d + 1)-point stencils
-            pts = np.asarray(flat).reshape(g, c, 1, d)
-            eye = h * np.eye(d)
-            sten = np.concatenate([pts, pts + eye, pts - eye], axis=2)  # (g, c, 2d + 1, d)
-            lab = np.repeat(labels[:, :, None], 2 * d + 1, axis=2)
-            e = errors(sten.reshape(g, -1, d), lab.reshape(g, -1, d)).reshape(g, c, 2 * d + 1)
-            grad = (e[..., 1 : d + 1] - e[..., d + 1 :]) / (2 * h)
-            return jnp.asarray(e[..., 0].reshape(-1)), jnp.asarray(grad.reshape(-1, d))
+        def error_fn(flat, lab=labels):
+            """`(g c q, d)` points, init-major, each `q` with the label of its start."""
+            lab = np.repeat(lab.reshape(g * c, d), flat.shape[0] // (g * c), axis=0)
+            e = errors(np.asarray(flat).reshape(g, -1, d), lab.reshape(g, -1, d))
+            return jnp.asarray(e.reshape(-1))
 
         res = mfattn.adversarial_sup(
             error_fn,  # the last step's values (no stencil)
@@ -518,7 +511,7 @@ class Condition:
             self.task.radius,
             steps=cfg["adversarial_steps"],
             step_size=cfg["adversarial_step_size"],
-            value_and_grad=value_and_grad,
+            value_and_grad=mfattn.central_difference(error_fn, h),
         )
         return np.asarray(res.values).reshape(g, c).max(axis=1)
 
