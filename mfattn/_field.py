@@ -124,7 +124,7 @@ class AttentionField(eqx.Module):
     # ------------------------------------------------------------ the routes
     def _positions(self, n, m, positions, name="test_positions"):
         """Token positions `0..n-1` followed by those of `m` extra points."""
-        if not self.kernel.causal:
+        if not self.kernel.uses_positions:
             return None
         tokens = jnp.arange(n)
         if m == 0:
@@ -259,7 +259,7 @@ class AttentionField(eqx.Module):
         pts = jnp.concatenate(pts, axis=0)
         w = jnp.concatenate([measure.weights, jnp.zeros((m + py,), measure.weights.dtype)])
         extra = None
-        if self.kernel.causal:
+        if self.kernel.uses_positions:
             xp = jnp.full((m,), n) if xpos is None else jnp.asarray(xpos)
             yp = jnp.full((py,), n) if ypos is None else jnp.asarray(ypos)
             extra = jnp.concatenate([xp, yp])
@@ -369,7 +369,7 @@ class AttentionField(eqx.Module):
             if x.shape[0] != n:
                 raise ValueError("pass `weights` for query points that are not the atoms")
             weights = measure.weights
-            if positions is None and self.kernel.causal:
+            if positions is None and self.kernel.uses_positions:
                 positions = jnp.arange(n)
         weights = as_float_array(weights, "weights", ndim=1)
         pts, w, pos = self._probe_setup(measure, x, None, positions, None)

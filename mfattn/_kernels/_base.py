@@ -32,6 +32,12 @@ class AbstractAttentionKernel(eqx.Module):
 
     causal: eqx.AbstractVar[bool]
 
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the kernel reads sequence positions `qpos`, `kpos` (a causal
+        mask, a positional bias); the field then passes them."""
+        return self.causal
+
     @abc.abstractmethod
     def forward(
         self,
