@@ -168,7 +168,7 @@ def _time_to_one(x0, beta, horizon, diameter, tol):
         mfattn.AttentionField(beta),
         mfattn.identity_layer(x0.shape[1]),
         mfattn.EmpiricalMeasure(x0),
-        "sphere",
+        mfattn.Sphere(),
     )
     off = ~jnp.eye(n, dtype=bool)
 

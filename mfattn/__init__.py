@@ -10,6 +10,9 @@ import importlib.metadata
 from ._adversarial import AdversarialSup as AdversarialSup
 from ._adversarial import adversarial_sup as adversarial_sup
 from ._adversarial import central_difference as central_difference
+from ._adjoint import AbstractLimitAdjoint as AbstractLimitAdjoint
+from ._adjoint import ClosedFormAdjoint as ClosedFormAdjoint
+from ._adjoint import DiffraxAdjoint as DiffraxAdjoint
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
@@ -29,6 +32,9 @@ from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
 from ._fits import combined_fit as combined_fit
+from ._geometry import AbstractGeometry as AbstractGeometry
+from ._geometry import Euclidean as Euclidean
+from ._geometry import Sphere as Sphere
 from ._fits import jackknife as jackknife
 from ._fits import power_law_fit as power_law_fit
 from ._fits import slope_fit as slope_fit
@@ -41,10 +47,10 @@ from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
 from ._kernels import ShardedKernel as ShardedKernel
-from ._limit import ClosedFormAdjoint as ClosedFormAdjoint
 from ._limit import limit_gradient as limit_gradient
 from ._limit import solve_limit as solve_limit
 from ._loss import AbstractLoss as AbstractLoss
+from ._loss import check_loss as check_loss
 from ._loss import DenoisingLoss as DenoisingLoss
 from ._loss import MMDLoss as MMDLoss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
@@ -70,6 +76,9 @@ from ._path import ParamPath as ParamPath
 from ._probe import ProbeSolution as ProbeSolution
 from ._probe import probe_gradient as probe_gradient
 from ._probe import probe_outputs as probe_outputs
+from ._residual import AbstractResidualScaling as AbstractResidualScaling
+from ._residual import InverseDepth as InverseDepth
+from ._residual import InverseSqrtDepth as InverseSqrtDepth
 from ._risk import AbstractRisk as AbstractRisk
 from ._risk import EmpiricalRisk as EmpiricalRisk
 from ._risk import ProbeRisk as ProbeRisk
@@ -90,7 +99,7 @@ from ._vector_field import MeanFieldVectorField as MeanFieldVectorField
 
 # isort: split
 # Clusters, the equiangular reduction, the circle's linear stability, the token flow
-# on the sphere and hardmax attention (issue 14)
+# on the sphere and hardmax attention
 from ._circle import circle_fourier_modes as circle_fourier_modes
 from ._circle import circle_growth_rates as circle_growth_rates
 from ._circle import predicted_cluster_count as predicted_cluster_count

@@ -4,6 +4,7 @@
 import warnings
 from typing import NamedTuple
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from ._custom_types import ScalarLike
 from ._discrete import solve_discrete
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
+from ._geometry import as_geometry
 from ._renamed import renamed_kwargs
 
 
@@ -114,6 +116,7 @@ def flow_error(
     atol: ScalarLike | None = None,
     max_steps: int = 4096,
     kernel=None,
+    geometry=None,
     normalization: str | None = None,
 ):
     """The theorem's error for every test particle `z` (docs/theory.md, section 7):
@@ -131,12 +134,14 @@ def flow_error(
     `(L, H, d, k)` parameters; `grid`: the limit's parameters (an
     `AttentionParams` depth grid or a [`mfattn.ParamPath`][]); the rest as in
     [`mfattn.solve_discrete`][] and [`mfattn.solve_limit`][] (the same `kernel`,
-    causal or not, and the same `normalization`, for both models). With
-    `normalization="sphere"` the post-normalised transformer is compared with
+    causal or not, and the same `geometry`, for both models). With
+    `geometry=mfattn.Sphere()` (formerly `normalization="sphere"`) the
+    post-normalised transformer is compared with
     the projected flow; both adjoints are then tangent (docs/theory.md,
     section 10), so the same formula applies.
     """
     L = params.depth
+    geometry = as_geometry(geometry, normalization)
     disc = solve_discrete(
         params,
         measure,
@@ -146,7 +151,7 @@ def flow_error(
         test_labels=test_labels,
         test_positions=test_positions,
         kernel=kernel,
-        normalization=normalization,
+        geometry=geometry,
     )
     ts = jnp.arange(L + 1, dtype=disc.ts.dtype) / L
     lim = solve_limit(
@@ -157,13 +162,13 @@ def flow_error(
         test_points,
         test_labels=test_labels,
         test_positions=test_positions,
-        ts=ts,
+        saveat=diffrax.SaveAt(ts=ts),
         interpolation=interpolation,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
         kernel=kernel,
-        normalization=normalization,
+        geometry=geometry,
     )
     return jnp.max(_norm(disc.test_xs - lim.test_xs) + _norm(disc.test_ps - lim.test_ps), axis=0)
 

@@ -99,7 +99,7 @@ def train_coupled(
         raise TypeError(f"`limit` must be a MeanFieldTransformer, got {type(limit).__name__}")
     if limit.normalization is not None:
         raise ValueError(
-            f"`train_coupled` is not implemented for `normalization={limit.normalization!r}`"
+            "`train_coupled` is not implemented on the sphere (`geometry=Sphere()`)"
         )
     discrete = tuple(discrete)
     for i, p in enumerate(discrete):
@@ -117,7 +117,7 @@ def train_coupled(
     depths = [p.Q.shape[-4] for p in discrete]
     ts, idx = _test_times(depths) if discrete else (np.zeros(1), [])
     ts = jnp.asarray(ts, limit.params.dtype)
-    field = AttentionField(limit.beta, limit.kernel, limit.mesh, chunk_size=limit.chunk_size)
+    field = limit.field
     beta, kernel = limit.beta, limit.kernel
 
     def batched(fn, params):

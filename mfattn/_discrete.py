@@ -1,30 +1,32 @@
-"""The discrete transformer: explicit Euler steps of the attention vector field."""
+"""The discrete transformer: explicit Euler steps of the attention vector field
+(docs/theory.md, sections 3, 4, 9 and 10), by the one Euler scan of `_euler.py`."""
 
 import equinox as eqx
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import ArrayLike, Float
 
 from ._checks import as_float_array, check_finite_args
 from ._custom_types import BetaLike
+from ._euler import euler_adjoint, euler_forward
 from ._field import AttentionField
+from ._geometry import AbstractGeometry, as_geometry
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss, terminal_condition
 from ._measure import EmpiricalMeasure
-from ._mlp import Activation, MLPParams
+from ._mlp import Activation, MLPParams, resolve_activation
 from ._params import AttentionParams
 from ._path import ParamPath
+from ._residual import AbstractResidualScaling, as_residual_scaling
 from ._solution import Solution
-from ._sphere import check_normalization, normalize, project_tangent
-from ._stochastic import solve_stochastic_discrete, stochastic_discrete_loss
 from ._vector_field import AttentionVectorField
 
 
 def check_model_inputs(params, measure, loss, test_points, test_labels, name="params"):
     """Shared checks of `solve_discrete` and `solve_limit`: types and shapes at
     trace time, finite values of `params`, `test_points` and `test_labels`
-    (through `eqx.error_if` when traced). Returns the checked
-    `(params, test_points, test_labels)`, which callers must use."""
+    (through `eqx.error_if` when traced). `loss=None` is a forward-only solve.
+    Returns the checked `(params, test_points, test_labels)`, which callers
+    must use."""
     if not isinstance(params, AttentionParams):
         raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
     if params.Q.ndim != 4:
@@ -40,7 +42,7 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
         raise ValueError(
             f"`{name}` has token dimension d={params.dim} but `measure` has d={measure.dim}"
         )
-    if not isinstance(loss, AbstractLoss):
+    if loss is not None and not isinstance(loss, AbstractLoss):
         raise TypeError(f"`loss` must be an mfattn loss (AbstractLoss), got {type(loss).__name__}")
     if test_points is not None:
         test_points = as_float_array(test_points, "test_points", ndim=2)
@@ -56,41 +58,75 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
     return checked[0], checked[1], checked[2]
 
 
-def _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions):
+def check_mlp(mlp, params: AttentionParams, activation) -> None:
+    """`mlp` has one block per layer of `params`, in the same dimension."""
+    if mlp is None:
+        return
+    if not isinstance(mlp, MLPParams):
+        raise TypeError(f"`mlp` must be an MLPParams or None, got {type(mlp).__name__}")
+    if mlp.W1.ndim != 3:
+        raise ValueError(
+            f"`mlp` must have leaves with a depth axis, W1 (L, d, m), got {mlp.W1.shape}"
+        )
+    if mlp.depth != params.depth:
+        raise ValueError(f"`mlp` has {mlp.depth} blocks but `params` has L={params.depth} layers")
+    if mlp.dim != params.dim:
+        raise ValueError(f"`mlp` has d={mlp.dim} but `params` has d={params.dim}")
+    resolve_activation(activation)
+
+
+def discrete_vector_field(
+    params, measure, field, *, test_positions=None, geometry=None, mlp=None, activation="tanh",
+    probes=False,
+) -> AttentionVectorField:
     """The vector field of the `L`-layer model: the field on the
     piecewise-constant path whose `J = L` nodes are the layers."""
-    field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
     path = ParamPath(params, interpolation="constant")
-    return AttentionVectorField(field, path, measure, test_positions)
+    return AttentionVectorField(
+        field, path, measure, test_positions, geometry, mlp, activation, probes
+    )
 
 
-def _check_normalization(normalization, mlp, residual_scaling) -> bool:
-    """Whether the model is post-normalised; `ValueError` for what it does not support."""
-    if check_normalization(normalization) is None:
-        return False
-    if mlp is not None or residual_scaling != "1/L":
-        raise ValueError(
-            "`normalization='sphere'` is not implemented with `mlp` blocks or "
-            "`residual_scaling='1/sqrt(L)'`"
-        )
-    return True
+def _cast(measure, test_points, params, mlp):
+    """Tokens, test points and weights in the common floating dtype."""
+    dtype = jnp.result_type(measure.points.dtype, params.dtype)
+    if mlp is not None:
+        dtype = jnp.result_type(dtype, mlp.dtype)
+    measure = eqx.tree_at(
+        lambda m: (m.points, m.weights),
+        measure,
+        (measure.points.astype(dtype), measure.weights.astype(dtype)),
+    )
+    test_points = None if test_points is None else test_points.astype(dtype)
+    return measure, test_points, dtype
 
 
-def _step(x, v, dt):
-    """The residual step `x + dt v` (no radii)."""
-    return x + dt * v, None
-
-
-def _normalized_step(x, v, dt):
-    """The post-normalised step `N(x + dt v)` and the radii `|x + dt v|` (n, 1)."""
-    return normalize(x + dt * v)
+def _setup(
+    params, measure, loss, beta, test_points, test_labels, test_positions, kernel, chunk_size,
+    mesh, mlp, activation, residual_scaling, normalization, geometry,
+):
+    geometry = as_geometry(geometry, normalization)
+    scaling = as_residual_scaling(residual_scaling)
+    params, test_points, test_labels = check_model_inputs(
+        params, measure, loss, test_points, test_labels
+    )
+    check_mlp(mlp, params, activation)
+    measure, test_points, dtype = _cast(measure, test_points, params, mlp)
+    measure = measure.with_points(geometry.initial(measure.points))
+    test_points = None if test_points is None else geometry.initial(test_points)
+    field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
+    vf = discrete_vector_field(
+        params, measure, field, test_positions=test_positions, geometry=geometry, mlp=mlp,
+        activation=activation,
+    )
+    return vf, scaling.factor(params.depth), measure, test_points, test_labels, dtype
 
 
 @eqx.filter_jit
 def solve_discrete(
     params: AttentionParams,
     measure: EmpiricalMeasure,
-    loss: AbstractLoss,
+    loss: AbstractLoss | None,
     beta: BetaLike,
     test_points: Float[ArrayLike, "m d"] | None = None,
     *,
@@ -101,7 +137,8 @@ def solve_discrete(
     mesh=None,
     mlp: MLPParams | None = None,
     activation: Activation = "tanh",
-    residual_scaling: str = "1/L",
+    residual_scaling: AbstractResidualScaling | str | None = None,
+    geometry: AbstractGeometry | str | None = None,
     normalization: str | None = None,
 ) -> Solution:
     """Run the `L`-layer attention-only transformer and its closed-form adjoint.
@@ -122,7 +159,7 @@ def solve_discrete(
     and the gradient map `g(theta_{l,h}) = sum_i w_i grad_theta G(x_i^l; theta_{l,h})^T p_i^{l+1}
     = L H dLoss/dtheta_{l,h}`.
 
-    With `normalization="sphere"` (docs/theory.md, section 10), every layer
+    With `geometry=mfattn.Sphere()` (docs/theory.md, section 10), every layer
     ends by mapping the tokens (and test particles) back onto the unit sphere,
 
         x^{l+1} = N(y^l),  y^l = x^l + (1/L) Gamma(x^l, mu^l; nu^l),  N(y) = y / |y|,
@@ -147,7 +184,9 @@ def solve_discrete(
     - `params`: an [`mfattn.AttentionParams`][] with leaves `(L, H, d, k)`.
     - `measure`: the input tokens, an [`mfattn.EmpiricalMeasure`][] with `(n, d)`
       points (`jax.vmap` over a batch of measures), in sequence order.
-    - `loss`: an [`mfattn.AbstractLoss`][] of the terminal measure.
+    - `loss`: an [`mfattn.AbstractLoss`][] of the terminal measure, or `None`
+      for the forward pass only (then `ps`, `grads`, `loss` are `None`; any
+      kernel that implements a forward pass is accepted).
     - `beta`: inverse temperature `> 0`.
     - `test_points`: optional `(m, d)` test particles `z`, carried by the field
       of the tokens without acting on it, with their own adjoint (the same
@@ -166,12 +205,14 @@ def solve_discrete(
       every residual step (docs/theory.md, section 9); `None` (default): none.
     - `activation`: the MLP's `sigma`: `"tanh"` (default), `"relu"`, `"gelu"`,
       `"linear"`, or an elementwise callable.
-    - `residual_scaling`: `"1/L"` (default, the model above) or `"1/sqrt(L)"`,
+    - `residual_scaling`: [`mfattn.InverseDepth`][]`()` (default, the model
+      above) or [`mfattn.InverseSqrtDepth`][]`()` (formerly `"1/sqrt(L)"`),
       `x^{l+1} = x^l + L^{-1/2} [Gamma + F]`, the regime whose limit with
       random per-layer parameters is the common-noise SDE of
       [`mfattn.solve_sde`][] (docs/theory.md, section 9).
-    - `normalization`: `None` (default, the model above) or `"sphere"` (the
-      post-normalised transformer; not with `mlp` or `"1/sqrt(L)"`).
+    - `geometry`: [`mfattn.Euclidean`][]`()` (default, the model above) or
+      [`mfattn.Sphere`][]`()` (the post-normalised transformer).
+      `normalization="sphere"` is its deprecated spelling.
 
     **Returns:** a [`mfattn.Solution`][] with `xs`, `ps` of shape `(L+1, n, d)`,
     `grads` shaped like `params`, `loss`, and `test_xs`, `test_ps` when test
@@ -179,94 +220,33 @@ def solve_discrete(
     shaped like `mlp`). With either scaling, `grads` is the gradient map `g`:
     `dLoss/dtheta_{l,h} = (h / H) g(theta_{l,h})`, `h` the residual factor.
 
-    **Raises:** `ValueError` for a bad `normalization`, or `"sphere"` with `mlp`
-    or `residual_scaling="1/sqrt(L)"`.
+    **Raises:** `TypeError`/`ValueError` naming the argument for bad types or
+    shapes; a runtime error for non-finite parameters or test points.
     """
-    sphere = _check_normalization(normalization, mlp, residual_scaling)
-    if mlp is not None or residual_scaling != "1/L":
-        return solve_stochastic_discrete(
-            params,
-            measure,
-            loss,
-            beta,
-            test_points,
-            test_labels=test_labels,
-            test_positions=test_positions,
-            mlp=mlp,
-            activation=activation,
-            residual_scaling=residual_scaling,
-            kernel=kernel,
-            chunk_size=chunk_size,
-            mesh=mesh,
-        )
-    params, test_points, test_labels = check_model_inputs(
-        params, measure, loss, test_points, test_labels
+    vf, h, measure, test_points, test_labels, dtype = _setup(
+        params, measure, loss, beta, test_points, test_labels, test_positions, kernel,
+        chunk_size, mesh, mlp, activation, residual_scaling, normalization, geometry,
     )
-    L = params.depth
-    dtype = jnp.result_type(measure.points.dtype, params.dtype)
-    measure = eqx.tree_at(
-        lambda m: (m.points, m.weights),
-        measure,
-        (measure.points.astype(dtype), measure.weights.astype(dtype)),
-    )
-    if test_points is not None:
-        test_points = test_points.astype(dtype)
-    if sphere:
-        measure = measure.with_points(normalize(measure.points)[0])
-        test_points = None if test_points is None else normalize(test_points)[0]
-    vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, test_positions)
-    dt = 1.0 / L
-    nodes = vf.path.times
-    step = _normalized_step if sphere else _step
-
-    def euler_step(carry, node):
-        x, z = carry
-        t, layer = node
-        vx, vz, cache = vf.velocity(t, x, z, layer=layer, return_cache=True)
-        x_next, rx = step(x, vx, dt)
-        z_next, rz = (None, None) if z is None else step(z, vz, dt)
-        return (x_next, z_next), (x, z, rx, rz, cache)
-
-    # the kernel outputs of every layer (O(n) memory for the default kernels)
-    # are kept for the adjoint pass, which then needs one pass over the keys
-    (x_last, z_last), (xs, zs, rxs, rzs, caches) = lax.scan(
-        euler_step, (measure.points, test_points), (nodes, params)
-    )
-    xs = jnp.concatenate([xs, x_last[None]], axis=0)
-    zs = None if z_last is None else jnp.concatenate([zs, z_last[None]], axis=0)
-
-    loss_value, p_last, pz_last = terminal_condition(
-        loss, measure, x_last, z_last, test_labels, dtype
-    )
-    if sphere:  # tangent adjoints (the normal part meets J_N and does not act)
-        p_last = project_tangent(x_last, p_last)
-        pz_last = None if z_last is None else project_tangent(z_last, pz_last)
-
-    def adjoint_step(carry, inputs):
-        p, pz = carry
-        t, x, z, rx, rz, layer, cache = inputs
-        if sphere:  # through N: J_N(y)^T p = P_{N(y)} p / |y| = p / |y| for tangent p
-            q, qz = p / rx, (None if pz is None else pz / rz)
-        else:
-            q, qz = p, pz
-        b, bz, g = vf.adjoint(t, x, z, q, qz, layer=layer, cache=cache)
-        p_prev = q + dt * b
-        pz_prev = None if pz is None else qz + dt * bz
-        if sphere:
-            p_prev = project_tangent(x, p_prev)
-            pz_prev = None if pz is None else project_tangent(z, pz_prev)
-        return (p_prev, pz_prev), (p, pz, g)
-
-    (p_first, pz_first), (ps_next, pzs_next, grads) = lax.scan(
-        adjoint_step,
-        (p_last, pz_last),
-        (nodes, xs[:-1], None if zs is None else zs[:-1], rxs, rzs, params, caches),
-        reverse=True,
-    )
-    ps = jnp.concatenate([p_first[None], ps_next], axis=0)
-    pzs = None if pz_first is None else jnp.concatenate([pz_first[None], pzs_next], axis=0)
+    L = vf.path.num_nodes
     ts = jnp.arange(L + 1, dtype=dtype) / L
-    return Solution(ts=ts, xs=xs, ps=ps, grads=grads, loss=loss_value, test_xs=zs, test_ps=pzs)
+    forward_only = loss is None
+    xs, zs, trace = euler_forward(vf, measure.points, test_points, h, keep=not forward_only)
+    if forward_only:
+        return Solution(ts=ts, xs=xs, test_xs=zs)
+    loss_value, p_last, pz_last = terminal_condition(loss, measure, xs[-1], None if zs is None else zs[-1], test_labels, dtype)
+    p_last = vf.geometry.tangent(xs[-1], p_last)
+    pz_last = None if zs is None else vf.geometry.tangent(zs[-1], pz_last)
+    ps, pzs, (grads, mlp_grads) = euler_adjoint(vf, xs, zs, trace, p_last, pz_last, h)
+    return Solution(
+        ts=ts,
+        xs=xs,
+        ps=ps,
+        grads=grads,
+        loss=loss_value,
+        test_xs=zs,
+        test_ps=pzs,
+        mlp_grads=mlp_grads,
+    )
 
 
 @eqx.filter_jit
@@ -281,42 +261,23 @@ def discrete_loss(
     kernel: AbstractAttentionKernel | None = None,
     mlp: MLPParams | None = None,
     activation: Activation = "tanh",
-    residual_scaling: str = "1/L",
+    residual_scaling: AbstractResidualScaling | str | None = None,
+    geometry: AbstractGeometry | str | None = None,
     normalization: str | None = None,
 ):
     """`Loss(mu^L)` of the forward pass alone: the function that `jax.grad`
     differentiates in the tests (and that users can differentiate freely).
-    `mlp`, `activation`, `residual_scaling`, `normalization` as in
-    [`mfattn.solve_discrete`][] (with `"sphere"`, the inputs are mapped to the
-    sphere first and every layer ends with `N(y) = y / |y|`)."""
-    sphere = _check_normalization(normalization, mlp, residual_scaling)
-    if mlp is not None or residual_scaling != "1/L":
-        return stochastic_discrete_loss(
-            params,
-            measure,
-            loss,
-            beta,
-            mlp=mlp,
-            activation=activation,
-            residual_scaling=residual_scaling,
-            kernel=kernel,
-            chunk_size=chunk_size,
-            mesh=mesh,
-        )
-    params, _, _ = check_model_inputs(params, measure, loss, None, None)
-    if sphere:
-        measure = measure.with_points(normalize(measure.points)[0])
-    vf = _discrete_vector_field(params, measure, beta, kernel, chunk_size, mesh, None)
-    dt = 1.0 / params.depth
-    step = _normalized_step if sphere else _step
-
-    def euler_step(x, node):
-        t, layer = node
-        vx, _ = vf.velocity(t, x, layer=layer)
-        return step(x, vx, dt)[0], None
-
-    x_last, _ = lax.scan(euler_step, measure.points, (vf.path.times, params))
-    return loss(measure.with_points(x_last))
+    `mlp`, `activation`, `residual_scaling`, `geometry` as in
+    [`mfattn.solve_discrete`][] (with [`mfattn.Sphere`][], the inputs are
+    mapped to the sphere first and every layer ends with `N(y) = y / |y|`)."""
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(f"`loss` must be an mfattn loss (AbstractLoss), got {type(loss).__name__}")
+    vf, h, measure, _, _, _ = _setup(
+        params, measure, loss, beta, None, None, None, kernel, chunk_size, mesh, mlp,
+        activation, residual_scaling, normalization, geometry,
+    )
+    xs, _, _ = euler_forward(vf, measure.points, None, h, keep=False)
+    return loss(measure.with_points(xs[-1]))
 
 
 __all__ = ["solve_discrete", "discrete_loss"]

@@ -46,23 +46,15 @@ def _project(x, W):
     return jnp.einsum("md,hdk->hmk", x, W)
 
 
-def _to_tokens(params, dq, dk, dv):
-    """`sum_h Q_h dq_h + K_h dk_h + V_h dv_h`, back in token space."""
-    return (
-        jnp.einsum("hdk,hmk->md", params.Q, dq)
-        + jnp.einsum("hdk,hmk->md", params.K, dk)
-        + jnp.einsum("hdk,hmk->md", params.V, dv)
-    )
-
-
-def _assemble_grads(x, u, w, p, o, dq, dk, dv):
-    """Per-head gradient map from the head-space cotangents:
-    `dQ = sum_i u_i x_i dq_i^T`, `dK = sum_j w_j x_j dk_j^T`,
-    `dV = sum_j w_j x_j dv_j^T`, `dO = sum_i u_i p_i o_i^T`."""
+def _assemble_grads(x, u, y, w, p, o, dq, dk, dv):
+    """Per-head gradient map from the head-space cotangents, queries `x`
+    (weights `u`, cotangents `p`), keys `y` (weights `w`):
+    `dQ = sum_i u_i x_i dq_i^T`, `dK = sum_j w_j y_j dk_j^T`,
+    `dV = sum_j w_j y_j dv_j^T`, `dO = sum_i u_i p_i o_i^T`."""
     return AttentionParams(
         Q=jnp.einsum("m,md,hmk->hdk", u, x, dq),
-        K=jnp.einsum("n,nd,hnk->hdk", w, x, dk),
-        V=jnp.einsum("n,nd,hnk->hdk", w, x, dv),
+        K=jnp.einsum("n,nd,hnk->hdk", w, y, dk),
+        V=jnp.einsum("n,nd,hnk->hdk", w, y, dv),
         O=jnp.einsum("m,md,hmk->hdk", u, p, o),
     )
 
@@ -146,22 +138,28 @@ class AttentionField(eqx.Module):
         kpos = None if pos is None else pos[:n]
         return self.kernel.forward(q, k, v, w, self.beta, pos, kpos)
 
-    def _pullback(self, params, pts, w, u, pos, p, cache):
+    def _pullback(self, params, pts, w, u, pos, p, cache, num_keys=None):
         """The closed-form pullback of the velocities of all points `pts`
-        (keys with weights `w`, zero for probes; queries with weights `u`, zero
-        for test points) with cotangents `p`: the bracket at every point and
-        the per-head gradient map."""
+        (queries with weights `u`, zero for test points; cotangents `p`) against
+        the keys `pts[:num_keys]` (default all; weights `w`, zero for probes):
+        the bracket at every point (the query side at every point, the key side
+        at the keys) and the per-head gradient map."""
+        nk = pts.shape[0] if num_keys is None else num_keys
+        kpts, kw = pts[:nk], w[:nk]
+        kpos = None if pos is None else pos[:nk]
         q = _project(pts, params.Q)
-        k = _project(pts, params.K)
-        v = _project(pts, params.V)
+        k = _project(kpts, params.K)
+        v = _project(kpts, params.V)
         if cache is None:
-            o, aux = self.kernel.forward(q, k, v, w, self.beta, pos, pos)
+            o, aux = self.kernel.forward(q, k, v, kw, self.beta, pos, kpos)
         else:
             o, aux = cache
         c = jnp.einsum("hdk,md->hmk", params.O, p)
-        dq, dk, dv = self.kernel.backward(q, k, v, w, o, aux, c, u, self.beta, pos, pos)
-        bracket = _to_tokens(params, dq, dk, dv) / params.heads
-        return bracket, _assemble_grads(pts, u, w, p, o, dq, dk, dv)
+        dq, dk, dv = self.kernel.backward(q, k, v, kw, o, aux, c, u, self.beta, pos, kpos)
+        bracket = jnp.einsum("hdk,hmk->md", params.Q, dq)
+        key_side = jnp.einsum("hdk,hnk->nd", params.K, dk) + jnp.einsum("hdk,hnk->nd", params.V, dv)
+        bracket = bracket.at[:nk].add(key_side) / params.heads
+        return bracket, _assemble_grads(pts, u, kpts, kw, p, o, dq, dk, dv)
 
     # ------------------------------------------------ solver-facing methods
     def forward(
@@ -205,6 +203,7 @@ class AttentionField(eqx.Module):
         cache=None,
         *,
         test_positions=None,
+        probes: bool = False,
     ):
         """One step of the closed-form adjoint (docs/theory.md, section 4).
 
@@ -215,6 +214,12 @@ class AttentionField(eqx.Module):
         for every atom, the same bracket at test points `z` (whose adjoints
         `test_p` are carried but do not act on the measure), and the per-head
         gradient map `g(theta_h) = sum_i w_i grad_theta G(x_i; theta_h)^T p_i`.
+
+        With `probes=True` the extra points are *probes* instead (docs/theory.md,
+        section 12): queries of weight 1 whose cotangents `test_p` act on the
+        atoms (`+ sum_k d_mu Gamma(z_k)(x_i)^T q_k` in `b_i`, and their part of
+        the gradient map), and which are no keys: their bracket is the query
+        side alone, `grad_x Gamma(z_k)^T q_k`.
 
         **Returns:** `(b_atoms (n, d), b_test (m, d) or None, grads)`, `grads`
         an `AttentionParams` with leaves `(H, d, k)`. `cache`: the third output
@@ -228,12 +233,14 @@ class AttentionField(eqx.Module):
             return b, None, g
         m = test_points.shape[0]
         pts = jnp.concatenate([measure.points, test_points], axis=0)
+        extra = jnp.ones((m,), w.dtype) if probes else jnp.zeros((m,), w.dtype)
+        u = jnp.concatenate([w, extra])
         wz = jnp.concatenate([w, jnp.zeros((m,), w.dtype)])
         pos = self._positions(n, m, test_positions)
-        if cache is None:  # the forward against the atoms alone (probes do not act)
+        if cache is None:  # the forward against the atoms alone (extra points do not act)
             cache = self._outputs(params, pts, n, w, pos)
         P = jnp.concatenate([p, test_p], axis=0)
-        b, g = self._pullback(params, pts, wz, wz, pos, P, cache)
+        b, g = self._pullback(params, pts, wz, u, pos, P, cache, n if probes else None)
         return b[:n], b[n:], g
 
     # ------------------------------------------------------ closed forms

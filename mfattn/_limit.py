@@ -1,5 +1,9 @@
 """The continuous (large-depth, large-width) limit: forward and adjoint
-McKean-Vlasov ODEs integrated with Diffrax (docs/theory.md, section 6)."""
+McKean-Vlasov ODEs integrated with Diffrax (docs/theory.md, section 6).
+
+One forward/adjoint pair (`LimitProblem`) serves the limit's solve, its exact
+gradient and the probes of [`mfattn.probe_gradient`][].
+"""
 
 import diffrax
 import equinox as eqx
@@ -7,10 +11,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from . import _solver_options as opts
+from ._adjoint import AbstractLimitAdjoint, ClosedFormAdjoint, as_limit_adjoint
 from ._checks import check_solve
 from ._custom_types import BetaLike, ScalarLike
 from ._discrete import check_model_inputs
 from ._field import AttentionField
+from ._geometry import AbstractGeometry, as_geometry
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
@@ -18,19 +25,9 @@ from ._params import AttentionParams
 from ._path import ParamPath
 from ._renamed import renamed_kwargs
 from ._solution import Solution
-from ._sphere import check_normalization, normalize, project_tangent
 from ._vector_field import AdjointVectorField, AttentionVectorField
 
-
-class ClosedFormAdjoint(eqx.Module):
-    """Gradients of the limit by its closed-form adjoint ODE (optimise, then
-    discretise; docs/theory.md, section 6): the backward McKean-Vlasov ODE is
-    integrated with the forward solve's solver and tolerances, reading `x(t)`
-    from its dense output, and `int b_j(t) g(theta(t), t) dt` is accumulated
-    for every grid node as extra states. The default `adjoint=` of
-    [`mfattn.limit_gradient`][]; the alternatives are Diffrax's adjoints
-    (`diffrax.RecursiveCheckpointAdjoint()`, `diffrax.BacksolveAdjoint()`,
-    `diffrax.DirectAdjoint()`), which differentiate through the forward solve."""
+_DENSE_ADJOINTS = (diffrax.RecursiveCheckpointAdjoint, diffrax.DirectAdjoint)
 
 
 def as_path(params, times=None, interpolation="linear", name="params") -> ParamPath:
@@ -50,21 +47,7 @@ def as_path(params, times=None, interpolation="linear", name="params") -> ParamP
     )
 
 
-def _controller(path, rtol, atol, stepsize_controller):
-    if stepsize_controller is not None:
-        if rtol is not None or atol is not None:
-            raise ValueError("pass `rtol`/`atol` or `stepsize_controller`, not both")
-        return stepsize_controller
-    pid = diffrax.PIDController(
-        rtol=1e-6 if rtol is None else rtol, atol=1e-8 if atol is None else atol
-    )
-    jumps = path.breakpoints()
-    if jumps.shape[0] == 0:
-        return pid
-    return diffrax.ClipStepSizeController(pid, jump_ts=jumps)
-
-
-def _finite(tree, what):
+def finite(tree, what):
     """`eqx.error_if` on non-finite values of a solve's states (the result is used)."""
     bad = jnp.array(False)
     for leaf in jax.tree.leaves(tree):
@@ -72,61 +55,21 @@ def _finite(tree, what):
     return eqx.error_if(tree, bad, f"{what} produced non-finite values")
 
 
-class _LimitProblem(eqx.Module):
-    """One instance of the limit: the vector field, the loss, test particles,
-    and how to integrate (private; built by `_LimitProblem.build`)."""
+class LimitProblem(eqx.Module):
+    """One instance of the limit: the vector field, the loss (or `None`),
+    extra particles, and how to integrate (private; built by
+    [`limit_problem`][])."""
 
     vf: AttentionVectorField
-    loss: AbstractLoss
+    loss: AbstractLoss | None
     test_points: Float[Array, "m d"]
     test_labels: Array | None
     solver: diffrax.AbstractSolver
     controller: diffrax.AbstractStepSizeController
-    max_steps: int = eqx.field(static=True)
-
-    @classmethod
-    def build(
-        cls,
-        params,
-        measure,
-        loss,
-        beta,
-        *,
-        test_points,
-        test_labels,
-        test_positions,
-        times,
-        interpolation,
-        solver,
-        rtol,
-        atol,
-        stepsize_controller,
-        max_steps,
-        kernel,
-        chunk_size,
-        mesh,
-        normalization=None,
-    ):
-        path = as_path(params, times, interpolation)
-        checked, test_points, test_labels = check_model_inputs(
-            path.params, measure, loss, test_points, test_labels
-        )
-        path = eqx.tree_at(lambda p: p.params, path, checked)
-        dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
-        measure = eqx.tree_at(
-            lambda m: (m.points, m.weights),
-            measure,
-            (measure.points.astype(dtype), measure.weights.astype(dtype)),
-        )
-        d = measure.dim
-        Z0 = jnp.zeros((0, d), dtype) if test_points is None else test_points.astype(dtype)
-        if normalization == "sphere":  # the inputs are mapped to the sphere first
-            measure = measure.with_points(normalize(measure.points)[0])
-            Z0 = normalize(Z0)[0]
-        field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
-        vf = AttentionVectorField(field, path, measure, test_positions, normalization)
-        controller = _controller(path, rtol, atol, stepsize_controller)
-        return cls(vf, loss, Z0, test_labels, solver, controller, max_steps)
+    dt0: ScalarLike | None
+    max_steps: int | None = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+    progress_meter: diffrax.AbstractProgressMeter
 
     @property
     def path(self) -> ParamPath:
@@ -136,9 +79,8 @@ class _LimitProblem(eqx.Module):
     def measure(self) -> EmpiricalMeasure:
         return self.vf.measure
 
-    def tangent(self, X, P):
-        """`P_X P` on the sphere (the adjoints' part that acts), else `P`."""
-        return P if self.vf.normalization is None else project_tangent(X, P)
+    def _check(self, sol, name):
+        return check_solve(sol, name) if self.throw else sol
 
     def forward(self, saveat, adjoint=diffrax.RecursiveCheckpointAdjoint(), name=None):
         """The forward McKean-Vlasov ODE from `t = 0` to `1`; with a `name`, a
@@ -148,19 +90,21 @@ class _LimitProblem(eqx.Module):
             self.solver,
             0.0,
             1.0,
-            None,
+            self.dt0,
             (self.measure.points, self.test_points),
             saveat=saveat,
             stepsize_controller=self.controller,
             adjoint=adjoint,
             max_steps=self.max_steps,
-            throw=name is None,
+            throw=name is None and self.throw,
+            progress_meter=self.progress_meter,
         )
-        return sol if name is None else check_solve(sol, name)
+        return sol if name is None else self._check(sol, name)
 
     def terminal(self, X1, Z1):
         """`Loss(mu_1)` and the terminal adjoints of the tokens and test particles
-        (on the sphere, their tangent parts)."""
+        (their tangent parts)."""
+        tangent = self.vf.geometry.tangent
         terminal = self.measure.with_points(X1)
         value = self.loss(terminal)
         P1 = self.loss.lions_derivative(terminal).astype(X1.dtype)
@@ -168,7 +112,7 @@ class _LimitProblem(eqx.Module):
             PZ1 = jnp.zeros_like(self.test_points)
         else:
             PZ1 = self.loss.lions_derivative(terminal, Z1, self.test_labels).astype(X1.dtype)
-        return value, self.tangent(X1, P1), self.tangent(Z1, PZ1)
+        return value, tangent(X1, P1), tangent(Z1, PZ1)
 
     def backward(self, fwd, P1, PZ1, integrate_gradient=False, name="the adjoint solve"):
         """The closed-form adjoint ODE from `t = 1` to `0` (dense output), or
@@ -176,23 +120,124 @@ class _LimitProblem(eqx.Module):
         y1 = (P1, PZ1)
         if integrate_gradient:
             y1 = y1 + (jax.tree.map(jnp.zeros_like, self.path.params),)
+        dt0 = None if self.dt0 is None else -self.dt0
+        controller = self.controller
+        if isinstance(controller, diffrax.StepTo):  # the same steps, backwards
+            controller = diffrax.StepTo(ts=jnp.flip(jnp.asarray(controller.ts)))
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(AdjointVectorField(self.vf, fwd)),
             self.solver,
             1.0,
             0.0,
-            None,
+            dt0,
             y1,
             # the gradient accumulators are only needed at t = 0: no dense output
             saveat=diffrax.SaveAt(t1=True, dense=not integrate_gradient),
-            stepsize_controller=self.controller,
+            stepsize_controller=controller,
             max_steps=self.max_steps,
             throw=False,
+            progress_meter=self.progress_meter,
         )
-        return check_solve(sol, name)
+        return self._check(sol, name)
+
+    def node_grads(self, fwd, bwd, ts=None):
+        """The gradient map at the grid nodes (or at `ts`), from the forward and
+        adjoint dense solutions (extra particles enter when they are probes)."""
+        probes = self.vf.probes
+
+        def grad_at(t, layer):
+            X, Z = fwd.evaluate(t)
+            P, PZ = bwd.evaluate(t)
+            P = self.vf.geometry.tangent(X, P)
+            if not probes:
+                Z = PZ = None
+            return self.vf.adjoint(t, X, Z, P, PZ, layer=(layer, None))[2]
+
+        if ts is None:
+            return jax.vmap(grad_at)(self.path.times, self.path.params)
+        return jax.vmap(lambda t: grad_at(t, self.path(t)))(ts)
+
+
+def limit_problem(
+    params,
+    measure,
+    loss,
+    beta,
+    *,
+    test_points=None,
+    test_labels=None,
+    test_positions=None,
+    times=None,
+    interpolation="linear",
+    solver=None,
+    rtol=None,
+    atol=None,
+    stepsize_controller=None,
+    dt0=None,
+    max_steps=opts.MAX_STEPS,
+    throw=True,
+    progress_meter=None,
+    kernel=None,
+    chunk_size=None,
+    mesh=None,
+    geometry=None,
+    probes=False,
+    field=None,
+) -> LimitProblem:
+    """Check the inputs and build the [`LimitProblem`][] (private)."""
+    solver = opts.default_solver() if solver is None else solver
+    path = as_path(params, times, interpolation)
+    checked, test_points, test_labels = check_model_inputs(
+        path.params, measure, loss, test_points, test_labels
+    )
+    path = eqx.tree_at(lambda p: p.params, path, checked)
+    geometry = as_geometry(geometry)
+    dtype = jnp.result_type(measure.points.dtype, path.params.dtype)
+    measure = eqx.tree_at(
+        lambda m: (m.points, m.weights),
+        measure,
+        (measure.points.astype(dtype), measure.weights.astype(dtype)),
+    )
+    d = measure.dim
+    Z0 = jnp.zeros((0, d), dtype) if test_points is None else test_points.astype(dtype)
+    measure = measure.with_points(geometry.initial(measure.points))
+    Z0 = geometry.initial(Z0) if Z0.shape[0] else Z0
+    if field is None:
+        field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
+    vf = AttentionVectorField(field, path, measure, test_positions, geometry, probes=probes)
+    controller = opts.controller(
+        solver, rtol, atol, stepsize_controller, dt0, jumps=path.breakpoints()
+    )
+    if progress_meter is None:
+        progress_meter = diffrax.NoProgressMeter()
+    return LimitProblem(
+        vf,
+        loss,
+        Z0,
+        test_labels,
+        solver,
+        controller,
+        dt0,
+        opts.check_max_steps(max_steps),
+        bool(throw),
+        progress_meter,
+    )
 
 
 _RENAMED = dict(params_grid="params")
+
+
+def _ts_to_saveat(ts, saveat):
+    if ts is None:
+        return saveat
+    if saveat is not None:
+        raise TypeError("pass `saveat` only (`ts=` is its old spelling)")
+    import warnings
+
+    warnings.warn(
+        "`ts=` is deprecated; use `saveat=diffrax.SaveAt(ts=...)`", DeprecationWarning, stacklevel=3
+    )
+    return diffrax.SaveAt(ts=ts)
 
 
 @renamed_kwargs(**_RENAMED)
@@ -204,20 +249,25 @@ def solve_limit(
     beta: BetaLike,
     test_points: Float[ArrayLike, "m d"] | None = None,
     *,
+    saveat: diffrax.SaveAt | None = None,
+    ts=None,
     test_labels: Array | None = None,
     test_positions=None,
-    ts=None,
     times=None,
     interpolation: str = "linear",
-    solver: diffrax.AbstractSolver = diffrax.Tsit5(),
+    solver: diffrax.AbstractSolver | None = None,
     rtol: ScalarLike | None = None,
     atol: ScalarLike | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
-    max_steps: int = 4096,
+    dt0: ScalarLike | None = None,
+    max_steps: int | None = opts.MAX_STEPS,
+    throw: bool = True,
+    progress_meter: diffrax.AbstractProgressMeter | None = None,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    geometry: AbstractGeometry | str | None = None,
     normalization: str | None = None,
 ) -> Solution:
     """Solve the mean-field limit: the forward McKean-Vlasov ODE, its closed-form
@@ -242,16 +292,31 @@ def solve_limit(
       [`mfattn.ParamPath`][].
     - `measure`, `loss`, `beta`, `test_points`, `test_labels`, `test_positions`,
       `kernel`, `chunk_size`, `mesh`: as in [`mfattn.solve_discrete`][].
-    - `ts`: times at which to save `xs`, `ps` (default: the grid nodes, plus
-      `t = 1` for constant interpolation, so that `xs` has `L + 1` states like
-      the discrete model's).
+    - `saveat`: a `diffrax.SaveAt` with `ts` (and/or `t0`, `t1`): the times at
+      which `xs`, `ps` are reported (default: the grid nodes, plus `t = 1` for
+      constant interpolation, so that `xs` has `L + 1` states like the
+      discrete model's). `ts=` is its deprecated spelling.
     - `times`, `interpolation`: the grid nodes, when `params` is an `AttentionParams`.
-    - `solver`, `rtol`, `atol`, `stepsize_controller`, `max_steps`: Diffrax
-      options (default Tsit5 with a PID controller at `rtol=1e-6, atol=1e-8`;
-      give `rtol`/`atol` or a `stepsize_controller`, not both).
+    - `solver`, `stepsize_controller`, `dt0`, `max_steps`, `throw`,
+      `progress_meter`: Diffrax's options, with Diffrax's meaning, for both
+      the forward and the adjoint solve (defaults in docs/conventions.md: Tsit5
+      with a PID controller at `rtol=1e-6, atol=1e-8` that steps onto the
+      grid nodes). `rtol`, `atol`: shortcuts for that controller (not with
+      `stepsize_controller`). A fixed-step solver takes `dt0`:
+      `solver=diffrax.Euler(), dt0=1/L` on the piecewise-constant path of `L`
+      nodes is the discrete model (to rounding; exact node times need `L` a
+      power of two, else pass `stepsize_controller=diffrax.StepTo(ts=...)`).
+      With `throw=False` a failed solve returns its states as they are and its
+      `diffrax.RESULTS` in `Solution.result` instead of raising.
     - `adjoint`: how Diffrax differentiates the *forward* solve if you
-      differentiate through `solve_limit` (the returned `grads` never need it).
-    - `normalization`: `None` (default) or `"sphere"`: the limit of the
+      differentiate through `solve_limit` (the returned `grads` never need
+      it): any `diffrax.AbstractAdjoint`. `RecursiveCheckpointAdjoint` (the
+      default) and `DirectAdjoint` differentiate the one dense solve; an
+      adjoint without dense output (`BacksolveAdjoint`) differentiates `xs`
+      and `loss` through a second forward solve that saves at the reported
+      times, and `ps`, `grads` through the first.
+    - `geometry`: [`mfattn.Euclidean`][]`()` (default) or
+      [`mfattn.Sphere`][]`()` (formerly `normalization="sphere"`): the limit of the
       post-normalised transformer (docs/theory.md, section 10),
 
             forward   dx_i/dt = F(x_i, mu_t) = P_{x_i} Gamma(x_i, mu_t; nu_t),
@@ -274,51 +339,48 @@ def solve_limit(
     **Raises:** a runtime error naming the solve when Diffrax fails (e.g. it
     reaches `max_steps`) or a state becomes non-finite.
     """
-    prob = _LimitProblem.build(
-        params,
-        measure,
-        loss,
-        beta,
-        test_points=test_points,
-        test_labels=test_labels,
-        test_positions=test_positions,
-        times=times,
-        interpolation=interpolation,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        stepsize_controller=stepsize_controller,
-        max_steps=max_steps,
-        kernel=kernel,
-        chunk_size=chunk_size,
-        mesh=mesh,
-        normalization=check_normalization(normalization),
+    saveat = _ts_to_saveat(ts, saveat)
+    geometry = as_geometry(geometry, normalization)
+    if loss is None:
+        raise TypeError("`loss` must be an mfattn loss (AbstractLoss), got None")
+    if not isinstance(adjoint, diffrax.AbstractAdjoint):
+        raise TypeError(
+            f"`adjoint` must be a diffrax adjoint (it differentiates the forward solve), got "
+            f"{type(adjoint).__name__}; for the limit's gradient see mfattn.limit_gradient"
+        )
+    prob = limit_problem(
+        params, measure, loss, beta, test_points=test_points, test_labels=test_labels,
+        test_positions=test_positions, times=times, interpolation=interpolation, solver=solver,
+        rtol=rtol, atol=atol, stepsize_controller=stepsize_controller, dt0=dt0,
+        max_steps=max_steps, throw=throw, progress_meter=progress_meter, kernel=kernel,
+        chunk_size=chunk_size, mesh=mesh, geometry=geometry,
     )
-    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), adjoint, "solve_limit's forward solve")
-    X1, Z1 = _finite((fwd.ys[0][-1], fwd.ys[1][-1]), "solve_limit's forward solve")
-    loss_value, P1, PZ1 = prob.terminal(X1, Z1)
-    bwd = prob.backward(fwd, P1, PZ1, name="solve_limit's adjoint solve")
     path = prob.path
     nodes = path.times
-    if ts is None:
-        save = path.save_times()
-    else:
-        save = jnp.asarray(ts, dtype=nodes.dtype)
-        if save.ndim != 1:
-            raise ValueError(f"`ts` must be 1-D, got shape {save.shape}")
+    save = opts.save_times(saveat, path.save_times(), dtype=nodes.dtype)
+    dense_adjoint = isinstance(adjoint, _DENSE_ADJOINTS)
+    fname = "solve_limit's forward solve"
+    fwd = prob.forward(
+        diffrax.SaveAt(t1=True, dense=True),
+        adjoint if dense_adjoint else diffrax.RecursiveCheckpointAdjoint(),
+        fname,
+    )
+    X1, Z1 = fwd.ys[0][-1], fwd.ys[1][-1]
+    if throw:
+        X1, Z1 = finite((X1, Z1), fname)
+    loss_value, P1, PZ1 = prob.terminal(X1, Z1)
+    bwd = prob.backward(fwd, P1, PZ1, name="solve_limit's adjoint solve")
     xs, zs = jax.vmap(fwd.evaluate)(save)
-    ps, pzs = _finite(jax.vmap(bwd.evaluate)(save), "solve_limit's adjoint solve")
-    ps, pzs = prob.tangent(xs, ps), prob.tangent(zs, pzs)
-    if ts is None:  # the default save times start with the nodes
-        Xn, Pn = xs[: nodes.shape[0]], ps[: nodes.shape[0]]
-    else:
-        Xn = jax.vmap(fwd.evaluate)(nodes)[0]
-        Pn = jax.vmap(bwd.evaluate)(nodes)[0]
-
-    def node_grad(t, X, P, layer):
-        return prob.vf.adjoint(t, X, None, P, None, layer=layer)[2]
-
-    grads = jax.vmap(node_grad)(nodes, Xn, Pn, path.params)
+    ps, pzs = jax.vmap(bwd.evaluate)(save)
+    if throw:
+        ps, pzs = finite((ps, pzs), "solve_limit's adjoint solve")
+    tangent = prob.vf.geometry.tangent
+    ps, pzs = tangent(xs, ps), tangent(zs, pzs)
+    if not dense_adjoint:  # xs and loss differentiable through the user's adjoint
+        sol = prob.forward(diffrax.SaveAt(ts=save, t1=True), adjoint, fname)
+        xs, zs = sol.ys[0][:-1], sol.ys[1][:-1]
+        loss_value = prob.loss(prob.measure.with_points(sol.ys[0][-1]))
+    grads = prob.node_grads(fwd, bwd)
     has_test = test_points is not None
     return Solution(
         ts=save,
@@ -332,7 +394,15 @@ def solve_limit(
             "forward_steps": fwd.stats["num_accepted_steps"],
             "backward_steps": bwd.stats["num_accepted_steps"],
         },
+        result=None if throw else _worst(fwd.result, bwd.result),
     )
+
+
+def _worst(a, b):
+    """The first failure of two solves' results (`successful` if none failed)."""
+    return diffrax.RESULTS.where(diffrax.is_okay(a), b, a)
+
+
 
 
 @renamed_kwargs(**_RENAMED)
@@ -343,18 +413,22 @@ def limit_gradient(
     loss: AbstractLoss,
     beta: BetaLike,
     *,
-    adjoint: ClosedFormAdjoint | diffrax.AbstractAdjoint | None = None,
-    method: str | diffrax.AbstractAdjoint | None = None,
+    adjoint: AbstractLimitAdjoint | diffrax.AbstractAdjoint | None = None,
+    method=None,
     times=None,
     interpolation: str = "linear",
-    solver: diffrax.AbstractSolver = diffrax.Tsit5(),
+    solver: diffrax.AbstractSolver | None = None,
     rtol: ScalarLike | None = None,
     atol: ScalarLike | None = None,
     stepsize_controller=None,
-    max_steps: int = 4096,
+    dt0: ScalarLike | None = None,
+    max_steps: int | None = opts.MAX_STEPS,
+    throw: bool = True,
+    progress_meter: diffrax.AbstractProgressMeter | None = None,
     kernel: AbstractAttentionKernel | None = None,
     chunk_size: int | None = None,
     mesh=None,
+    geometry: AbstractGeometry | str | None = None,
     normalization: str | None = None,
 ):
     """The exact gradient of the limit's loss with respect to the grid
@@ -364,75 +438,57 @@ def limit_gradient(
     average of the gradient map, `(1/c_j) int b_j(t) g(theta^m(t), t) dt`, and
     tends to the pointwise `Solution.grads` as the grid is refined.
 
-    **Arguments:** as [`mfattn.solve_limit`][], plus `adjoint`:
+    **Arguments:** as [`mfattn.solve_limit`][] (without `saveat`), plus `adjoint`:
 
-    - [`mfattn.ClosedFormAdjoint`][]`()` (default): integrate `b_j(t) g(theta(t), t)`
+    - [`mfattn.ClosedFormAdjoint`][]`()` (default; an
+      [`mfattn.AbstractLimitAdjoint`][]): integrate `b_j(t) g(theta(t), t)`
       as extra states of the closed-form adjoint ODE (same solver and
       tolerances), with `x(t)` from the forward dense output.
     - a `diffrax.AbstractAdjoint` (`RecursiveCheckpointAdjoint()`,
       `BacksolveAdjoint()`, `DirectAdjoint()`): `jax.grad` of the loss through
-      `diffrax.diffeqsolve` with that adjoint.
+      `diffrax.diffeqsolve` with that adjoint (wrapped in
+      [`mfattn.DiffraxAdjoint`][]).
 
     `method=` is the older name of `adjoint=` (`"closed_form"` or a Diffrax adjoint).
-    `normalization="sphere"`: the limit on the sphere, with the projected
+    `geometry=mfattn.Sphere()`: the limit on the sphere, with the projected
     field's closed-form adjoint (see [`mfattn.solve_limit`][]).
 
     **Returns:** `(loss, grads)` with `grads` an `AttentionParams` shaped like the grid.
     """
-    if method is not None:
-        if adjoint is not None:
-            raise TypeError("pass `adjoint` only (`method` is its old name)")
-        if isinstance(method, str):
-            if method != "closed_form":
-                raise ValueError(
-                    f"`method` must be 'closed_form' or a diffrax adjoint, got {method!r}"
-                )
-            method = ClosedFormAdjoint()
-        adjoint = method
-    adjoint = ClosedFormAdjoint() if adjoint is None else adjoint
-    if not isinstance(adjoint, (ClosedFormAdjoint, diffrax.AbstractAdjoint)):
-        raise TypeError(
-            "`adjoint` must be mfattn.ClosedFormAdjoint() or a diffrax adjoint, got "
-            f"{type(adjoint).__name__}"
-        )
-    prob = _LimitProblem.build(
-        params,
-        measure,
-        loss,
-        beta,
-        test_points=None,
-        test_labels=None,
-        test_positions=None,
-        times=times,
-        interpolation=interpolation,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        stepsize_controller=stepsize_controller,
-        max_steps=max_steps,
-        kernel=kernel,
-        chunk_size=chunk_size,
-        mesh=mesh,
-        normalization=check_normalization(normalization),
+    adjoint = as_limit_adjoint(adjoint, method)
+    geometry = as_geometry(geometry, normalization)
+    if loss is None:
+        raise TypeError("`loss` must be an mfattn loss (AbstractLoss), got None")
+    prob = limit_problem(
+        params, measure, loss, beta, times=times, interpolation=interpolation, solver=solver,
+        rtol=rtol, atol=atol, stepsize_controller=stepsize_controller, dt0=dt0,
+        max_steps=max_steps, throw=throw, progress_meter=progress_meter, kernel=kernel,
+        chunk_size=chunk_size, mesh=mesh, geometry=geometry,
     )
-    path = prob.path
-    M = path.params.heads
-    c = path.basis_integrals()[:, None, None, None]
-    if isinstance(adjoint, diffrax.AbstractAdjoint):
+    c = prob.path.basis_integrals()[:, None, None, None]
+    value, integrals = adjoint.loss_and_integrals(prob)
+    return value, jax.tree.map(lambda a: a / c, integrals)
 
-        def loss_of(p):
-            sol = eqx.tree_at(lambda q: q.vf.path.params, prob, p).forward(
-                diffrax.SaveAt(t1=True), adjoint
-            )
-            return prob.loss(prob.measure.with_points(sol.ys[0][-1]))
 
-        value, g = jax.value_and_grad(loss_of)(path.params)
-        return value, jax.tree.map(lambda a: M * a / c, g)
-    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True), name="limit_gradient's forward solve")
-    X1, Z1 = _finite((fwd.ys[0][-1], fwd.ys[1][-1]), "limit_gradient's forward solve")
-    value, P1, PZ1 = prob.terminal(X1, Z1)
-    bwd = prob.backward(
-        fwd, P1, PZ1, integrate_gradient=True, name="limit_gradient's adjoint solve"
+
+__all__ = ["solve_limit", "limit_gradient", "ClosedFormAdjoint", "limit_problem", "LimitProblem"]
+
+
+@eqx.filter_jit
+def forward_limit(prob: LimitProblem, saveat=None) -> Solution:
+    """The forward McKean-Vlasov ODE alone, reported at `saveat` (default the
+    grid nodes, as [`mfattn.solve_limit`][]): a [`mfattn.Solution`][] with `xs`
+    and `test_xs` (private; `MeanFieldTransformer.__call__`)."""
+    save = opts.save_times(saveat, prob.path.save_times(), dtype=prob.path.times.dtype)
+    name = "the limit's forward solve"
+    fwd = prob.forward(diffrax.SaveAt(ts=save), name=name)
+    xs, zs = fwd.ys
+    if prob.throw:
+        xs, zs = finite((xs, zs), name)
+    return Solution(
+        ts=save,
+        xs=xs,
+        test_xs=zs if zs.shape[1] else None,
+        stats={"forward_steps": fwd.stats["num_accepted_steps"]},
+        result=None if prob.throw else fwd.result,
     )
-    integral = _finite(jax.tree.map(lambda a: a[-1], bwd.ys[2]), "limit_gradient's adjoint solve")
-    return value, jax.tree.map(lambda a: a / c, integral)

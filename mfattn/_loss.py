@@ -15,7 +15,23 @@ class AbstractLoss(eqx.Module):
 
     Subclasses implement `__call__(measure)` and the Lions derivative
     `lions_derivative(measure, x=None, labels=None)`, the terminal condition of
-    the rescaled adjoint `p_i^L = d_mu Loss(mu^L)(x_i^L)`.
+    the rescaled adjoint `p_i^L = d_mu Loss(mu^L)(x_i^L)` (docs/theory.md,
+    section 4).
+
+    **The contract.** At the atoms, the Lions derivative is the gradient of
+    the loss with respect to the atom's position divided by its weight,
+
+        lions_derivative(measure)[i] = (1 / w_i) dLoss/dx_i,
+
+    (for a loss `int f dmu` that is `grad f(x_i)`). A wrong one trains
+    silently: check a new loss once with [`mfattn.check_loss`][], which
+    compares it with `jax.grad`. At other points `x` (test particles), it is
+    the same function of `x` evaluated there, with their `labels`.
+
+    **Batches.** [`mfattn.train`][] maps `model.solve` over a batch of
+    `(measure, loss)` pairs with `jax.vmap`: array fields of a loss that hold
+    per-sample data carry the batch axis; scalar fields (a Python or 0-d
+    `float` such as a scale) are shared by the batch.
     """
 
     @abc.abstractmethod
@@ -143,3 +159,47 @@ class MMDLoss(AbstractLoss):
             grad_mean(measure.points, measure.weights)
             - grad_mean(self.target.points, self.target.weights)
         )
+
+
+def check_loss(loss: AbstractLoss, measure: EmpiricalMeasure, *, rtol=None, atol=None):
+    """Check a loss's `lions_derivative` against `jax.grad`: at the atoms of
+    `measure` it must be `(1/w_i) dLoss/dx_i` (the contract of
+    [`mfattn.AbstractLoss`][]).
+
+    **Arguments:** `loss`, `measure` (concrete arrays, one token set), and
+    tolerances (default by dtype: `rtol=1e-6` in float64, `1e-3` in float32,
+    `atol` that times the largest entry of the gradient).
+
+    **Returns:** the largest absolute difference, a float.
+
+    **Raises:** `ValueError` naming the loss (its class) and the largest
+    difference when they disagree; `TypeError` for arguments of the wrong type.
+    """
+    import jax
+    import numpy as np
+
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(f"`loss` must be an mfattn loss (AbstractLoss), got {type(loss).__name__}")
+    _check_measure(measure)
+    if measure.points.ndim != 2:
+        raise ValueError(f"`measure.points` must be (n, d), got {measure.points.shape}")
+    grad = jax.grad(lambda pts: loss(measure.with_points(pts)))(measure.points)
+    expected = np.asarray(grad / measure.weights[:, None])
+    got = np.asarray(loss.lions_derivative(measure))
+    if got.shape != expected.shape:
+        raise ValueError(
+            f"{type(loss).__name__}.lions_derivative returned shape {got.shape}, expected "
+            f"{expected.shape} (one row per atom)"
+        )
+    wide = np.finfo(expected.dtype).eps < 1e-10
+    rtol = (1e-6 if wide else 1e-3) if rtol is None else rtol
+    scale = max(float(np.max(np.abs(expected))), np.finfo(expected.dtype).tiny)
+    atol = rtol * scale if atol is None else atol
+    err = float(np.max(np.abs(got - expected)))
+    if not np.allclose(got, expected, rtol=rtol, atol=atol):
+        raise ValueError(
+            f"{type(loss).__name__}.lions_derivative disagrees with (1/w) jax.grad of the loss: "
+            f"largest difference {err:.3g} against a gradient of size {scale:.3g}. It must be "
+            "(1/w_i) dLoss/dx_i at the atoms (see mfattn.AbstractLoss)"
+        )
+    return err

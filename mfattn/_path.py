@@ -79,6 +79,21 @@ class ParamPath(eqx.Module):
         self.times = times
         self.interpolation = interpolation
 
+    @classmethod
+    def constant(cls, layer: AttentionParams) -> "ParamPath":
+        """The constant path `t -> nu` of one layer (leaves `(M, d, k)`), at
+        every time (also outside `[0, 1]`)."""
+        if not isinstance(layer, AttentionParams):
+            raise TypeError(f"`layer` must be an AttentionParams, got {type(layer).__name__}")
+        if layer.Q.ndim != 3:
+            raise ValueError(f"`layer` must have leaves (M, d, k), got {layer.Q.shape}")
+        return cls(jax.tree.map(lambda a: a[None], layer), interpolation="constant")
+
+    def index(self, t):
+        """The node `j` with `t_j <= t < t_{j+1}` (clipped to the grid)."""
+        idx = jnp.searchsorted(self.times, t, side="right") - 1
+        return jnp.clip(idx, 0, self.num_nodes - 1)
+
     @property
     def num_nodes(self) -> int:
         return self.params.depth

@@ -22,9 +22,14 @@ class Solution(eqx.Module):
       parameters; for the discrete model `L * H * dLoss/dtheta_{l,h}`, for the
       limit `g(theta^m(t_j), t_j)` at every grid node.
     - `loss`: `Loss(mu^L)` (scalar).
+
+    A forward-only solve (`model(measure)`, `solve_discrete(..., loss=None)`)
+    returns `ts`, `xs` (and `test_xs`) with `ps`, `grads`, `loss` set to `None`.
     - `test_xs`, `test_ps`: states and adjoints of test particles `(S, m, d)`,
       or `None` when no test points were given.
     - `stats`: solver statistics (the limit: Diffrax's step counts), else `{}`.
+    - `result`: with `throw=False`, the `diffrax.RESULTS` of the solves (the
+      first failure, or `successful`); else `None`.
     - `mlp_grads`: for a discrete model with MLP blocks, their gradient map
       `g(phi_l) = sum_i w_i grad_phi F(x_i^l; phi_l)^T p_i^{l+1}` as an
       [`mfattn.MLPParams`][] shaped like the blocks; else `None`.
@@ -32,10 +37,11 @@ class Solution(eqx.Module):
 
     ts: Float[Array, " S"]
     xs: Float[Array, "S n d"]
-    ps: Float[Array, "S n d"]
-    grads: AttentionParams
-    loss: Float[Array, ""]
+    ps: Float[Array, "S n d"] | None = None
+    grads: AttentionParams | None = None
+    loss: Float[Array, ""] | None = None
     test_xs: Float[Array, "S m d"] | None = None
     test_ps: Float[Array, "S m d"] | None = None
     stats: dict = eqx.field(default_factory=dict)
     mlp_grads: MLPParams | None = None
+    result: object = None

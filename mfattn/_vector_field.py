@@ -8,24 +8,27 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._field import AttentionField
+from ._geometry import AbstractGeometry, Euclidean, Sphere, as_geometry
 from ._measure import EmpiricalMeasure
+from ._mlp import Activation, MLPParams, mlp_backward, mlp_forward
 from ._params import AttentionParams
 from ._path import ParamPath
-from ._sphere import check_normalization, project_tangent, project_tangent_pullback
 
 
 class AttentionVectorField(eqx.Module):
-    """`dx_i/dt = Gamma(x_i, mu_t; nu_t)` for the tokens and test particles,
-    with `nu_t` read from a [`mfattn.ParamPath`][] and `mu_t` the tokens' own
-    empirical measure (McKean-Vlasov); test particles are carried along. With
-    `normalization="sphere"` the field is projected on the tangent space of
-    the sphere, `dx_i/dt = P_{x_i} Gamma(x_i, mu_t; nu_t)` (docs/theory.md,
+    """`dx_i/dt = Gamma(x_i, mu_t; nu_t) [+ F(x_i; phi_t)]` for the tokens and
+    extra particles, with `nu_t` read from a [`mfattn.ParamPath`][] and `mu_t`
+    the tokens' own empirical measure (McKean-Vlasov). With
+    `geometry=mfattn.Sphere()` the velocity is projected on the tangent space
+    of the sphere, `dx_i/dt = P_{x_i} Gamma(x_i, mu_t; nu_t)` (docs/theory.md,
     section 10).
 
     It is a Diffrax vector field, `vf(t, (X, Z), args) -> (dX/dt, dZ/dt)`; the
-    `L`-layer discrete transformer is explicit Euler on it,
-    `x^{l+1} = x^l + (1/L) vf(l / L, x^l)`, with the piecewise-constant path of
-    `J = L` nodes that *is* its parameters (docs/theory.md, section 3).
+    `L`-layer discrete transformer is explicit Euler on its unprojected
+    velocity, `x^{l+1} = step(x^l, h v(l / L, x^l))` (`geometry.step`), with the
+    piecewise-constant path of `J = L` nodes that *is* its parameters
+    (docs/theory.md, section 3). A fixed layer is a constant path
+    ([`mfattn.ParamPath.constant`][]).
 
     **Arguments:**
 
@@ -33,83 +36,119 @@ class AttentionVectorField(eqx.Module):
     - `path`: an [`mfattn.ParamPath`][].
     - `measure`: the input tokens; only its weights (and number of atoms) are
       used, the points come from the state.
-    - `test_positions`: for a causal kernel, the positions of the test
-      particles (default: after the last token).
-    - `normalization`: `None` (default) or `"sphere"`, the projected field
-      `P_x Gamma`, `P_x = I - x x^T / |x|^2` (the limit of the post-normalised
-      transformer).
+    - `test_positions`: for a kernel that reads positions (causal), the
+      positions of the extra particles (default: after the last token).
+    - `geometry`: [`mfattn.Euclidean`][]`()` (default) or [`mfattn.Sphere`][]`()`.
+    - `mlp`, `activation`: optional MLP blocks added to the attention, one per
+      node of a piecewise-constant path (docs/theory.md, section 9).
+    - `probes`: the extra particles are test particles (default, `False`:
+      moved by the field, acting on nothing, with the adjoint function at their
+      position) or probes (`True`: queries of weight 1 whose cotangents act on
+      the tokens' adjoint; docs/theory.md, section 12).
     """
 
     field: AttentionField
     path: ParamPath
     measure: EmpiricalMeasure
     test_positions: Array | None = None
-    normalization: str | None = eqx.field(static=True, default=None)
+    geometry: AbstractGeometry = eqx.field(default=Euclidean(), converter=as_geometry)
+    mlp: MLPParams | None = None
+    activation: Activation = eqx.field(static=True, default="tanh")
+    probes: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        check_normalization(self.normalization)
+        if self.mlp is not None and self.path.interpolation != "constant":
+            raise ValueError("MLP blocks need a piecewise-constant path (one block per node)")
 
-    def layer(self, t) -> AttentionParams:
-        """The heads `nu_t`, an `AttentionParams` with leaves `(M, d, k)`."""
-        return self.path(t)
+    @property
+    def normalization(self) -> str | None:
+        """The older string spelling of `geometry`: `"sphere"` or `None`."""
+        return "sphere" if isinstance(self.geometry, Sphere) else None
+
+    def layer(self, t):
+        """The blocks at `t`: `(nu_t, phi_t)`, `nu_t` an `AttentionParams` with
+        leaves `(M, d, k)`, `phi_t` an `MLPParams` block or `None`."""
+        theta = self.path(t)
+        phi = None if self.mlp is None else self.mlp.layer(self.path.index(t))
+        return theta, phi
+
+    def layers(self):
+        """The blocks at every node, stacked (what the discrete model scans)."""
+        return self.path.params, self.mlp
+
+    def _measure(self, X):
+        return self.measure.with_points(X)
+
+    def field_velocity(self, t, X, Z=None, *, layer=None, return_cache=False):
+        """The unprojected velocity `(v(X), v(Z))` at `t` (and the kernel cache
+        with `return_cache=True`): what the discrete model's step uses.
+        `layer`: the blocks `(theta, phi)` at `t` when the caller has them."""
+        theta, phi = self.layer(t) if layer is None else layer
+        vx, vz, cache = self.field.forward(
+            self._measure(X), theta, Z, return_cache=True, test_positions=self.test_positions
+        )
+        if phi is not None:
+            vx = vx + mlp_forward(phi, X, self.activation)
+            vz = None if Z is None else vz + mlp_forward(phi, Z, self.activation)
+        return (vx, vz, cache) if return_cache else (vx, vz)
+
+    def field_pullback(self, t, X, Z, P, PZ, *, layer=None, cache=None):
+        """The pullback of the unprojected velocity at cotangents `(P, PZ)`:
+        `(b_X, b_Z, (g_theta, g_phi))`, the brackets and gradient maps of the
+        attention (see [`mfattn.AttentionField.backward`][]) plus the MLP's."""
+        theta, phi = self.layer(t) if layer is None else layer
+        b, bz, g = self.field.backward(
+            self._measure(X),
+            theta,
+            P,
+            Z,
+            PZ,
+            cache,
+            test_positions=self.test_positions,
+            probes=self.probes,
+        )
+        g_phi = None
+        if phi is not None:
+            bx_mlp, g_phi = mlp_backward(phi, X, P, self.measure.weights, self.activation)
+            b = b + bx_mlp
+            if Z is not None:
+                bz = bz + mlp_backward(phi, Z, PZ, None, self.activation)[0]
+        return b, bz, (g, g_phi)
 
     def velocity(self, t, X: Float[Array, "n d"], Z=None, *, layer=None, return_cache=False):
-        """`(Gamma(X), Gamma(Z))` at time `t` (and the kernel cache with
-        `return_cache=True`), projected on the sphere's tangent spaces with
-        `normalization="sphere"`. `layer`: the heads at `t` when the caller
-        already has them (the discrete model scans the nodes), skipping
-        interpolation."""
-        layer = self.path(t) if layer is None else layer
-        out = self.field.forward(
-            self.measure.with_points(X),
-            layer,
-            Z,
-            return_cache=return_cache,
-            test_positions=self.test_positions,
-        )
-        if self.normalization is None:
-            return out
-        vx = project_tangent(X, out[0])
-        vz = None if Z is None else project_tangent(Z, out[1])
-        return (vx, vz) + tuple(out[2:])
+        """`(F(X), F(Z))` at time `t`, `F = geometry.velocity(x, Gamma [+ F_mlp])`
+        (and the kernel cache with `return_cache=True`)."""
+        vx, vz, cache = self.field_velocity(t, X, Z, layer=layer, return_cache=True)
+        vx = self.geometry.velocity(X, vx)
+        vz = None if Z is None else self.geometry.velocity(Z, vz)
+        return (vx, vz, cache) if return_cache else (vx, vz)
 
     def adjoint(self, t, X, Z, P, PZ, *, layer=None, cache=None):
-        """The closed-form adjoint bracket at time `t`: `(b_X, b_Z, g)` with `g`
-        the per-head gradient map (see [`mfattn.AttentionField.backward`][]).
+        """The closed-form adjoint bracket of the projected velocity at time `t`:
+        `(b_X, b_Z, g)` with `g` the attention's per-head gradient map.
 
-        With `normalization="sphere"`, the bracket of the projected field
-        `F(x, mu) = P_x Gamma(x, mu)`: the field's pullback at the projected
-        cotangents `P_{x_j} p_j` (which carries the Lions term through the
-        projection) plus the projection's own derivative at each point,
+        With `geometry=Sphere()`, the bracket of `F(x, mu) = P_x Gamma(x, mu)`:
+        the field's pullback at the projected cotangents `P_{x_j} p_j` (which
+        carries the Lions term through the projection) plus the projection's
+        own derivative at each point,
 
             b_i = [pullback of Gamma at (P_{x_j} p_j)_j]_i + c_x(x_i, Gamma(x_i), p_i),
 
         `c_x` as in docs/theory.md, section 10; `g` is the gradient map at the
         projected cotangents."""
-        layer = self.path(t) if layer is None else layer
-        measure = self.measure.with_points(X)
-        if self.normalization is None:
-            return self.field.backward(
-                measure, layer, P, Z, PZ, cache, test_positions=self.test_positions
-            )
+        if isinstance(self.geometry, Euclidean):
+            b, bz, (g, _) = self.field_pullback(t, X, Z, P, PZ, layer=layer, cache=cache)
+            return b, bz, g
         if cache is None:
-            gx, gz, cache = self.field.forward(
-                measure, layer, Z, return_cache=True, test_positions=self.test_positions
-            )
+            gx, gz, cache = self.field_velocity(t, X, Z, layer=layer, return_cache=True)
         else:  # the velocities from the cached per-head outputs
-            g = jnp.einsum("hdk,hmk->md", layer.O, cache[0]) / layer.heads
+            theta = self.path(t) if layer is None else layer[0]
+            g = jnp.einsum("hdk,hmk->md", theta.O, cache[0]) / theta.heads
             gx, gz = g[: X.shape[0]], (None if Z is None else g[X.shape[0] :])
-        cx, qx = project_tangent_pullback(X, gx, P)
-        if Z is None:
-            b, bz, grads = self.field.backward(
-                measure, layer, qx, None, None, cache, test_positions=self.test_positions
-            )
-            return b + cx, None, grads
-        cz, qz = project_tangent_pullback(Z, gz, PZ)
-        b, bz, grads = self.field.backward(
-            measure, layer, qx, Z, qz, cache, test_positions=self.test_positions
-        )
-        return b + cx, bz + cz, grads
+        cx, qx = self.geometry.velocity_pullback(X, gx, P)
+        cz, qz = (None, None) if Z is None else self.geometry.velocity_pullback(Z, gz, PZ)
+        b, bz, (grads, _) = self.field_pullback(t, X, Z, qx, qz, layer=layer, cache=cache)
+        return b + cx, (None if Z is None else bz + cz), grads
 
     def __call__(self, t, y, args=None):
         X, Z = y
@@ -145,3 +184,6 @@ def MeanFieldVectorField(field, path, weights):
     d = path.params.dim
     measure = EmpiricalMeasure(jnp.zeros((weights.shape[0], d), weights.dtype), weights)
     return AttentionVectorField(field, path, measure)
+
+
+__all__ = ["AttentionVectorField", "AdjointVectorField", "MeanFieldVectorField", "AttentionParams"]
