@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mfattn  # noqa: E402
-from mfattn.studies import scaling  # noqa: E402
+from benchmarks import scaling  # noqa: E402
 
 
 def _solve(model, measure, loss, z, zl, T):
@@ -97,16 +97,16 @@ def main(argv=None):
     out = args.out or f"benchmarks/results/scaling_adjoint{'_quick' if args.quick else ''}.json"
     t0 = time.perf_counter()
     cfg = scaling.PRESETS["full"]
-    c = scaling.Condition(cfg, cfg["dim"], cfg["tokens"], cfg["optimizers"][0], False, [(1, 4)])
-    J, M, T = cfg["nodes"], cfg["particles"], 4 * cfg["nodes"]
-    every = T // max(cfg["L"])  # the study's depths t = l / L_max on the fine grid
+    c = scaling.Condition(cfg, cfg.dim, cfg.tokens, cfg.optimizers[0], False, [(1, 4)])
+    J, M, T = cfg.nodes, cfg.particles, 4 * cfg.nodes
+    every = T // max(cfg.L)  # the study's depths t = l / L_max on the fine grid
     # the study's three untrained limits (same keys as its references)
     lims = {
         "J,M": c.limit_model(J, M, c.limit_key),
         "2J,M": c.limit_model(2 * J, M, jax.random.fold_in(c.limit_key, 2)),
         "J,4M": c.limit_model(J, 4 * M, jax.random.fold_in(c.limit_key, 4)),
     }
-    field = mfattn.AttentionField(cfg["beta"])
+    field = mfattn.AttentionField(cfg.beta)
     rows, worst = [], None
     probes = c.probes()[:1] if args.quick else c.probes()
     for pi, (measure, loss, z, zl) in enumerate(probes):
@@ -148,7 +148,7 @@ def main(argv=None):
         "command": "python -m benchmarks.scaling_adjoint" + (" --quick" if args.quick else ""),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {jax.devices()[0].platform}",
-        "config": {"J": J, "M": M, "beta": cfg["beta"], "dim": cfg["dim"], "tokens": cfg["tokens"]},
+        "config": {"J": J, "M": M, "beta": cfg.beta, "dim": cfg.dim, "tokens": cfg.tokens},
         "own_error_k0": rows,
         "worst_point": {
             "probe": pi,

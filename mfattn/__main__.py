@@ -1,60 +1,149 @@
-"""`python -m mfattn` (or `mfattn`): the main job on its built-in default.
+"""`python -m mfattn` (or `mfattn`): the main job on its built-in default, and
+its other jobs as subcommands.
 
     mfattn                    # the convergence study's --quick preset (minutes),
                               # results in results/scaling_quick.json and PNGs
-    mfattn scaling [--quick | --medium] [--out FILE]   # the study (full preset
-                              # without a flag; see mfattn/studies/scaling.py)
-    mfattn train [options]    # train one transformer (below)
+    mfattn scaling [--quick | --medium] [--out FILE] ...   # the study (full
+                              # preset without a flag; `mfattn scaling --help`)
+    mfattn train [options]    # train one transformer (`mfattn train --help`)
 
-`mfattn train` trains a small discrete transformer (L=8 layers, H=8 heads, d=4, k=4) with
-AdamW on the default in-context denoising task, prints the held-out loss
-before and after, and writes the results (history JSON, parameters, loss
-plot, checkpoints) to `--out` (default `results/default`).
+The study lives in `benchmarks/scaling/` of the repository (it is no part of
+the library): `mfattn` and `mfattn scaling` run it from a clone (`pip install
+-e . && python -m mfattn` at the repository's root).
+
+`mfattn train` trains a small discrete transformer (L=8 layers, H=8 heads,
+d=4, k=4) with AdamW on the default in-context denoising task, prints the
+held-out loss before and after, and writes the results (history JSON,
+parameters, loss plot, checkpoints, and `summary.json` with every argument and
+whether the run resumed from a checkpoint) to `--out` (default
+`results/default`).
 """
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import pathlib
 import sys
+import tempfile
 import time
+import warnings
 
-import jax
-import optax
-
-import mfattn
+DEFAULT_STUDY_ARGS = ("--quick", "--out", "results/scaling_quick.json")
+"""What `mfattn` without a command runs: `mfattn scaling` with these flags."""
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":
-        return train_main(argv[1:])
-    if argv and argv[0] == "scaling":
-        argv = argv[1:]
-    elif not argv or argv[0].startswith("-"):  # the default: the quick study
-        argv = ["--quick", "--out", "results/scaling_quick.json"] + argv
-    from .studies.scaling import main as scaling_main
+def _study_main():
+    """`benchmarks.scaling.main`, imported from the repository.
 
-    scaling_main(argv)
+    **Raises:** `SystemExit` (status 1) with a message saying to run from a
+    clone of the repository, if `benchmarks.scaling` cannot be imported.
+    """
+    try:
+        import benchmarks.scaling as study
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.scaling"):
+            raise  # something the study needs is missing: say what
+        # the `mfattn` script does not put the working directory on sys.path
+        # (`python -m` does): a clone's root holds benchmarks/scaling/
+        cwd = pathlib.Path.cwd()
+        if not (cwd / "benchmarks" / "scaling" / "__init__.py").is_file():
+            sys.stderr.write(
+                "mfattn: the convergence study is not part of the installed package: it "
+                "lives in benchmarks/scaling/ of the repository, which cannot be imported "
+                f"here ({e}). Run this command from the root of a clone of the repository "
+                "(pip install -e . && python -m mfattn).\n"
+            )
+            raise SystemExit(1) from None
+        sys.modules.pop("benchmarks", None)  # a `benchmarks` found elsewhere
+        sys.path.insert(0, str(cwd))
+        import benchmarks.scaling as study
+    return study.main
+
+
+def _scaling(argv) -> int:
+    _study_main()(list(argv), prog="mfattn scaling")
     return 0
 
 
-def train_main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="mfattn train", description="Train one discrete transformer."
+# --- `mfattn train`: arguments, checked before any work ------------------------
+def _number(kind, low, strict, finite=True):
+    """An argparse type: a `kind` (int or float) `>= low` (`> low` if
+    `strict`), finite; its error names the bound (argparse adds the flag)."""
+    bound = f"{'>' if strict else '>='} {low:g}"
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}") from None
+        if (finite and not math.isfinite(value)) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bound}"
+    return parse
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=_number(int, 0, False), default=300, help="optimiser steps")
+    p.add_argument("--depth", type=_number(int, 1, False), default=8, help="layers L")
+    p.add_argument("--heads", type=_number(int, 1, False), default=8, help="heads H per layer")
+    p.add_argument("--head-dim", type=_number(int, 1, False), default=4, help="head dimension k")
+    p.add_argument("--beta", type=_number(float, 0, True), default=1.0, help="inverse temperature")
+    p.add_argument("--lr", type=_number(float, 0, True), default=1e-2, help="learning rate")
+    p.add_argument(
+        "--weight-decay", type=_number(float, 0, False), default=1e-3, help="weight decay"
     )
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=4)
-    parser.add_argument("--beta", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--weight-decay", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--optimizer", choices=["adamw", "blockwise"], default="adamw")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/default")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    p.add_argument("--batch-size", type=_number(int, 1, False), default=16)
+    p.add_argument("--optimizer", choices=["adamw", "blockwise"], default="adamw")
+    p.add_argument("--seed", type=int, default=0, help="the PRNG seed of the run")
+    p.add_argument(
+        "--out", default="results/default", help="results directory (resumes its checkpoints)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_writable(parser: argparse.ArgumentParser, out: pathlib.Path) -> None:
+    """Create `out` and write and remove a probe file there, or fail with a
+    usage error naming `--out`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".mfattn-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        parser.error(f"argument --out: cannot create or write {str(out)!r}: {e}")
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    """`obj` as JSON in `path`, atomically (a temporary file renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    out = pathlib.Path(args.out)
+    _check_writable(parser, out)  # before any work
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import mfattn
 
     task = mfattn.DenoisingTask()
     key = jax.random.key(args.seed)
@@ -67,7 +156,15 @@ def train_main(argv=None):
         opt = optax.adamw(args.lr, weight_decay=args.weight_decay)
     else:
         opt = mfattn.blockwise_adamw(args.lr, weight_decay=args.weight_decay)
-    out = pathlib.Path(args.out)
+    # the checkpoint `train` resumes from, if any (its warnings about bad ones
+    # are left to `train`)
+    like = mfattn.TrainState(model, opt.init(params), jnp.asarray(0, jnp.int32), train_key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = mfattn.load_latest(out / "checkpoints", like)
+    resumed_from = None if found is None else int(found[0])
+    if resumed_from is not None:
+        print(f"resuming from the checkpoint of step {resumed_from} in {out / 'checkpoints'}")
     before = float(mfattn.evaluate(model, task, test_key, 512))
     print(f"held-out loss before training: {before:.5f}")
     t0 = time.perf_counter()
@@ -95,17 +192,81 @@ def train_main(argv=None):
         {
             "heldout_before": before,
             "heldout_after": after,
-            "args": vars(args),
+            "args": config,
             "wall_seconds": wall,
         },
     )
-    print(f"results written to {out}/ (history.json, params.eqx, loss.png, checkpoints/)")
-    (out / "summary.json").write_text(
-        json.dumps(
-            {"heldout_before": before, "heldout_after": after, "steps": args.steps}, indent=1
-        )
+    summary = {
+        "heldout_before": before,
+        "heldout_after": after,
+        "steps": args.steps,
+        "config": config,
+        "resumed": resumed_from is not None,
+        "resumed_from_step": resumed_from,
+        "wall_seconds": wall,
+    }
+    _write_json(out / "summary.json", summary)
+    print(
+        f"results written to {out}/ (summary.json, history.json, params.eqx, loss.png, "
+        "checkpoints/)"
     )
     return 0
+
+
+# --- the command line -------------------------------------------------------------
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser and its `train` parser."""
+    parser = argparse.ArgumentParser(
+        prog="mfattn",
+        description="The mean-field theory of deep transformers: the main job and its "
+        "subcommands. Without a command: the convergence study's quick preset "
+        "(`mfattn scaling --quick --out results/scaling_quick.json`).",
+    )
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    # every argument of `scaling` is the study's own: `main` forwards them as
+    # they are (this entry is for the list of commands)
+    sub.add_parser(
+        "scaling",
+        add_help=False,
+        help="the convergence study (benchmarks/scaling/)",
+    )
+    train = sub.add_parser(
+        "train",
+        help="train one small transformer and write its results",
+        description="Train one discrete transformer on the in-context denoising task.",
+    )
+    _train_arguments(train)
+    return parser, train
+
+
+def main(argv=None) -> int:
+    """The `mfattn` command line.
+
+    **Arguments:**
+
+    - `argv`: the arguments (default `sys.argv[1:]`).
+
+    **Returns:** the exit status (0).
+
+    **Raises:** `SystemExit` (status 2) for a usage error: an unknown command,
+    a bad `train` argument, an `--out` that cannot be written.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the main job
+        return _scaling(DEFAULT_STUDY_ARGS)
+    if argv[0] == "scaling":
+        return _scaling(argv[1:])
+    parser, train = _parsers()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args, train)
+    parser.error("a command is required")  # e.g. `mfattn --seed 1`: options without one
+
+
+def train_main(argv=None) -> int:
+    """`mfattn train` with `argv` (default `sys.argv[1:]`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return main(["train", *argv])
 
 
 if __name__ == "__main__":

@@ -27,28 +27,23 @@ def test_combined_fit_recovers_the_exponents():
     assert fit["rms_log_residual"] < fit["theorem_fixed"]["rms_log_residual"]
 
 
-def test_old_scaling_module_still_works():
-    import importlib
-    import sys
-
-    import pytest
-
-    import mfattn
-
-    sys.modules.pop("mfattn.scaling", None)
-    with pytest.warns(DeprecationWarning, match="mfattn.studies.scaling"):
-        old = importlib.import_module("mfattn.scaling")
-    assert old.slope_fit is mfattn.slope_fit and old.combined_fit is mfattn.combined_fit
-    assert callable(old.run) and callable(old.main) and "quick" in old.PRESETS
-
-
 def test_library_does_not_import_the_studies():
+    # the studies live in benchmarks/ (outside the package): `import mfattn`
+    # imports nothing of them, and no plotting library
+    import pathlib
     import subprocess
     import sys
 
-    code = "import sys, mfattn; print(any(m.startswith('mfattn.studies') for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    code = (
+        "import sys, mfattn; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'benchmarks', 'matplotlib'}))"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]  # where `benchmarks` is importable
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "[]"
+    assert not (root / "mfattn" / "studies").exists()
 
 
 def test_combined_fit_jackknife_intervals():

@@ -1,14 +1,19 @@
-"""The convergence study (mfattn.studies.scaling): orchestration (fast) and a
+"""The convergence study (benchmarks/scaling): orchestration (fast) and a
 tiny preset end to end (slow; run with `python -m pytest -m slow`)."""
 
+import dataclasses
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from mfattn.studies import scaling
+from benchmarks import scaling
 
-TINY = dict(
+replace = dataclasses.replace
+TINY = replace(
     scaling.PRESETS["quick"],
     dim=2,
     tokens=4,
@@ -28,8 +33,8 @@ TINY = dict(
 
 
 def test_conditions_share_points_and_sweeps():
-    cfg = dict(TINY, n_sweep=[4, 6], causal_sweep=True, d_sweep=[2, 3], sweep_LH=[2, 2])
-    cfg["optimizers"] = ["adamw", "blockwise_sum"]
+    cfg = replace(TINY, n_sweep=[4, 6], causal_sweep=True, d_sweep=[2, 3], sweep_LH=[2, 2])
+    cfg = replace(cfg, optimizers=["adamw", "blockwise_sum"])
     conds = scaling.conditions(cfg)
     main = conds["d2-n4-adamw"]
     # the main grid, with the sweep point merged into it (not repeated)
@@ -58,13 +63,13 @@ def test_failed_conditions_are_recorded_and_skipped(tmp_path, monkeypatch):
     data = scaling.run(TINY, out, progress=False)
     assert list(data["failed"]) == ["d2-n4-adamw"] and data["points"] == {}
     assert "diverged" in data["failed"]["d2-n4-adamw"]["error"]
-    assert json.loads(out.read_text())["config"]["K"] == TINY["steps"]
+    assert json.loads(out.read_text())["config"]["K"] == TINY.steps
     scaling.run(TINY, out, progress=False)  # skipped on resume
     assert len(calls) == 1
     scaling.run(TINY, out, progress=False, retry_failed=True)
     assert len(calls) == 2
     with pytest.raises(ValueError, match="another configuration"):
-        scaling.run(dict(TINY, steps=3), out, progress=False)
+        scaling.run(replace(TINY, steps=3), out, progress=False)
 
 
 @pytest.mark.slow
@@ -75,7 +80,7 @@ def test_tiny_study_end_to_end(tmp_path):
     c = data["points"]["d2-n4-adamw"]
     for name in ("_LH.png", "_horizon.png", "_reference.png"):
         assert out.with_name(out.stem + name).exists()
-    assert len(c["reference"]["M_vs_4M"]) == len(c["steps"]) == TINY["steps"] + 1
+    assert len(c["reference"]["M_vs_4M"]) == len(c["steps"]) == TINY.steps + 1
     assert c["displacement"][0] == 0 and c["displacement"][-1] > 0
     for p in c["points"].values():
         # the adversarial ascent never lowers the sup over random z
@@ -84,7 +89,7 @@ def test_tiny_study_end_to_end(tmp_path):
         assert np.all(
             np.asarray(p["total_random"]) <= p["bias"] + np.asarray(p["fluctuation"]) + 1e-9
         )
-        assert len(p["lemma6"]) == TINY["inits"]
+        assert len(p["lemma6"]) == TINY.inits
         # each part alone: the same split, and never above the sum of both
         for part in ("state", "adjoint"):
             q = p[part]
@@ -106,55 +111,63 @@ def _synthetic_run(self, log=print):
     `0.1 d^0.5` (blockwise "sum": `0.1`), no growth with `n`; the limit's own
     error is tiny, its test parameters' too except at `(1, 2)`."""
     cfg, R = self.cfg, self.R
-    S = cfg["steps"] // cfg["record_every"] + 1
+    S = cfg.steps // cfg.record_every + 1
     c = np.exp(0.1 * np.random.default_rng(0).standard_normal(R))
     growth = {"adamw": 0.5, "blockwise_sum": 0.0}[self.opt_name]
 
     def split(scale, bias):
         per_step = np.outer(c * scale, np.ones(S))
-        return {
-            "total_random": per_step.max(axis=1).tolist(),
-            "per_step_random": per_step.tolist(),
-            "bias": bias,
-            "bias_loo": [bias] * R,
-            "bias_noise": bias / 10,
-            "bias_per_step": [bias] * S,
-            "fluctuation": (c * scale).tolist(),
-            "fluctuation_per_step": [(c * scale).tolist()] * S,
-        }
+        return scaling.Split(
+            total_random=per_step.max(axis=1).tolist(),
+            per_step_random=per_step.tolist(),
+            bias=bias,
+            bias_loo=[bias] * R,
+            bias_noise=bias / 10,
+            bias_per_step=[bias] * S,
+            fluctuation=(c * scale).tolist(),
+            fluctuation_per_step=[(c * scale).tolist()] * S,
+        )
 
     ref = [1e-4] * S
-    out = {
-        "steps": list(range(0, cfg["steps"] + 1, cfg["record_every"])),
-        "reference": {
-            f"{k}{p}": ref for k in ("M_vs_4M", "J_vs_2J") for p in ("", "_state", "_adjoint")
-        },
-        "displacement": [0.0] + [0.1] * (S - 1),
-        "limit_loss": [0.1] * cfg["steps"],
-        "points": {},
-    }
-    out["reference"].update(nodes=cfg["nodes"], particles=self.particles)
+    reference = scaling.Reference(*[ref] * 6, nodes=cfg.nodes, particles=self.particles)
+    points = {}
     for L, H in self.grid:
         scale = (L * H) ** -0.5
-        pt = dict(split(scale, 0.5 / L), L=L, H=H, peak_step=[0] * R)
-        pt["total"] = pt["total_random"]
-        pt["state"] = split(scale, 0.5 / L)
-        pt["adjoint"] = split(2 * scale, 1.0 / L)
+        both = split(scale, 0.5 / L)
         lem = 0.1 * c * self.dim**growth
-        pt.update(
+        # the limit's own error disqualifies Lemma 6 at (1, 2)
+        lem_ref = [1.0] * S if (L, H) == (1, 2) else [0.0] + [1e-5] * (S - 1)
+        points[f"L{L}/H{H}"] = scaling.GridPoint(
+            L=L,
+            H=H,
+            total=both.total_random,
+            peak_step=[0] * R,
+            state=split(scale, 0.5 / L),
+            adjoint=split(2 * scale, 1.0 / L),
             lemma6=lem.tolist(),
             lemma6_per_step=np.outer(lem, np.ones(S)).tolist(),
-            lemma6_reference=[0.0] + [1e-5] * (S - 1),
+            lemma6_reference=lem_ref,
+            discrete_loss=[0.1] * S,
+            **both._asdict(),
         )
-        if (L, H) == (1, 2):  # the limit's own error disqualifies this point
-            pt["lemma6_reference"] = [1.0] * S
-        out["points"][f"L{L}/H{H}"] = pt
-    return out
+    return scaling.ConditionResult(
+        condition=scaling.condition_name(self.dim, self.tokens, self.opt_name, self.causal),
+        dim=self.dim,
+        tokens=self.tokens,
+        opt=self.opt_name,
+        causal=self.causal,
+        steps=list(range(0, cfg.steps + 1, cfg.record_every)),
+        reference=reference,
+        displacement=[0.0] + [0.1] * (S - 1),
+        limit_loss=[0.1] * cfg.steps,
+        points=points,
+        wall_seconds=0.0,
+    )
 
 
 def test_summary_recovers_known_answers(tmp_path, monkeypatch):
-    cfg = dict(TINY, L=[1, 2, 4], H=[2, 4, 8], n_sweep=[4, 8], causal_sweep=True)
-    cfg.update(d_sweep=[2, 8], optimizers=["adamw", "blockwise_sum"], sweep_LH=[2, 4])
+    cfg = replace(TINY, L=[1, 2, 4], H=[2, 4, 8], n_sweep=[4, 8], causal_sweep=True)
+    cfg = replace(cfg, d_sweep=[2, 8], optimizers=["adamw", "blockwise_sum"], sweep_LH=[2, 4])
     monkeypatch.setattr(scaling.Condition, "run", _synthetic_run)
     out = tmp_path / "s.json"
     data = scaling.run(cfg, out, progress=False)
@@ -180,24 +193,25 @@ def test_summary_recovers_known_answers(tmp_path, monkeypatch):
 
 
 def test_sweeps_with_their_own_settings_are_not_merged_into_the_main_grid():
-    base = dict(TINY, n_sweep=[3, 4], causal_sweep=True, sweep_LH=[1, 2])
+    base = replace(TINY, n_sweep=[3, 4], causal_sweep=True, sweep_LH=[1, 2])
     # shared settings: the point (1, 2) at n = 4 joins the main condition
     assert "d2-n4-adamw-sweep" not in scaling.conditions(base)
     for key, value in [("sweep_steps", 1), ("sweep_nodes", 2), ("sweep_record_every", 2)]:
-        conds = scaling.conditions(dict(base, **{key: value}))
+        conds = scaling.conditions(replace(base, **{key: value}))
         assert conds["d2-n4-adamw"][4] == [(1, 2), (1, 4), (2, 2), (2, 4)]
         assert conds["d2-n4-adamw-sweep"][4] == [(1, 2)]
         assert conds["d2-n4-adamw-causal"][4] == [(1, 2)]
         names = [
-            scaling.sweep_condition_name(dict(base, **{key: value}), 2, n, "adamw") for n in (3, 4)
+            scaling.sweep_condition_name(replace(base, **{key: value}), 2, n, "adamw")
+            for n in (3, 4)
         ]
         assert names == ["d2-n3-adamw", "d2-n4-adamw-sweep"]
 
 
 @pytest.mark.slow
 def test_sweeps_use_their_own_reference_and_training_length(tmp_path):
-    cfg = dict(TINY, L=[1], H=[2], n_sweep=[3, 4], sweep_LH=[1, 2])
-    cfg.update(sweep_nodes=2, sweep_particles=3, sweep_steps=2, sweep_record_every=2)
+    cfg = replace(TINY, L=[1], H=[2], n_sweep=[3, 4], sweep_LH=[1, 2])
+    cfg = replace(cfg, sweep_nodes=2, sweep_particles=3, sweep_steps=2, sweep_record_every=2)
     data = scaling.run(cfg, tmp_path / "s.json", progress=False)
     assert not data["failed"]
     main = data["points"]["d2-n4-adamw"]
@@ -212,12 +226,13 @@ def test_sweeps_use_their_own_reference_and_training_length(tmp_path):
 def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp_path, monkeypatch):
     def coarse_reference(self, log=print):
         out = _synthetic_run(self, log)
-        for k in ("M_vs_4M", "J_vs_2J"):
-            for p in ("", "_state", "_adjoint"):  # above a fifth of every bias 0.5 / L
-                out["reference"][k + p] = [0.2] * len(out["steps"])
-        return out
+        # above a fifth of every bias 0.5 / L, for both parts and each alone
+        coarse = [0.2] * len(out.steps)
+        return out._replace(
+            reference=out.reference._replace(**dict.fromkeys(out.reference._fields[:6], coarse))
+        )
 
-    cfg = dict(TINY, L=[1, 2, 4], H=[2, 4])
+    cfg = replace(TINY, L=[1, 2, 4], H=[2, 4])
     monkeypatch.setattr(scaling.Condition, "run", coarse_reference)
     data = scaling.run(cfg, tmp_path / "s.json", progress=False)
     for prefix in ("", "state_"):
@@ -227,7 +242,7 @@ def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp
 
 
 def test_limit_evaluation_in_blocks_matches_one_solve():
-    cfg = dict(TINY, test_points=10)  # 40 test particles per probe
+    cfg = replace(TINY, test_points=10)  # 40 test particles per probe
     c = scaling.Condition(cfg, 2, 4, "adamw", False, [(1, 2)])
     measure, loss, z, zl = c.probes()[0]
     grid = c.limit_model(4, 4, c.limit_key).params
@@ -246,3 +261,85 @@ def test_limit_evaluation_in_blocks_matches_one_solve():
     assert z.shape[0] % 7 != 0
     for a, b in zip(whole, capped):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+BENCHMARKS = pathlib.Path(scaling.__file__).resolve().parents[1]
+RESULTS = BENCHMARKS / "results"
+
+
+@pytest.mark.parametrize("preset", ["quick", "medium", "full"])
+def test_committed_results_load_and_summarize_to_their_own_fits(preset):
+    # the committed study JSONs: their configuration is the preset's, and the
+    # summary rebuilt from their raw records gives their marks and exponents
+    data = json.loads((RESULTS / f"scaling_{preset}.json").read_text())
+    assert scaling.StudyConfig.from_json(data["config"]) == scaling.PRESETS[preset]
+    assert scaling.PRESETS[preset].study_json() == data["config"]
+    again = scaling.summarize(data)
+    assert again["marks"] == data["marks"]
+    fitted = [k for k in data["fits"] if k.endswith("_vs_LH")]
+    assert fitted and sorted(k for k in again["fits"] if k.endswith("_vs_LH")) == sorted(fitted)
+    for k in fitted:
+        for q in ("L", "H"):
+            assert np.isclose(again["fits"][k][q], data["fits"][k][q], rtol=1e-9, atol=1e-12)
+    assert "| L | H |" in scaling.table(data) and "conditions done" in scaling.report(data)
+
+
+def test_corrupt_condition_file_is_computed_again_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(scaling.Condition, "run", _synthetic_run)
+    out = tmp_path / "s.json"
+    first = scaling.run(TINY, out, progress=False)
+    f = tmp_path / "s_points" / "d2-n4-adamw.json"
+    f.write_text(f.read_text()[:100])  # truncated
+    calls = []
+    monkeypatch.setattr(
+        scaling.Condition, "run", lambda self, log=print: (calls.append(1), _synthetic_run(self))[1]
+    )
+    with pytest.warns(RuntimeWarning, match="d2-n4-adamw.json is truncated or corrupt"):
+        again = scaling.run(TINY, out, progress=False)
+    assert calls == [1] and again["points"] == first["points"]
+    assert json.loads(f.read_text())["status"] == "done"
+    # with --summarize nothing is computed: the corrupt condition is left out, said so
+    f.write_text("{")
+    with pytest.warns(RuntimeWarning, match="left out of the summary"):
+        data = scaling.run(TINY, out, progress=False, summarize_only=True)
+    assert calls == [1] and data["not_run"] == ["d2-n4-adamw"]
+
+
+def test_json_files_are_written_atomically(tmp_path):
+    f = tmp_path / "r.json"
+    scaling.write_json(f, {"a": [1, 2]})
+    assert json.loads(f.read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):  # fails while serialising: the old file stays whole
+        scaling.write_json(f, {"a": object()})
+    assert json.loads(f.read_text()) == {"a": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="`optimizers`"):
+        replace(TINY, optimizers=["sgd"])
+    with pytest.raises(ValueError, match="`inits`"):
+        replace(TINY, inits=1)
+    with pytest.raises(ValueError, match="`steps`"):
+        replace(TINY, steps=0)
+    with pytest.raises(ValueError, match="unknown settings \\['stepz'\\]"):
+        scaling.StudyConfig.from_json(dict(TINY.to_json(), stepz=3))
+    with pytest.raises(ValueError, match="`preset`"):
+        scaling.run("quik", progress=False)
+    # lists are stored as tuples, and a mapping of the settings is a configuration
+    assert TINY.L == (1, 2) and scaling.as_config(TINY.to_json()) == TINY
+
+
+def test_the_study_imports_no_plotting_library():
+    code = (
+        "import sys, benchmarks.scaling; "
+        "print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=BENCHMARKS.parent,
+    )
+    assert out.stdout.strip() == "False"
