@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._custom_types import ScalarLike
 from ._measure import EmpiricalMeasure
+from . import _solver_options as opts
 from ._model import AbstractModel
 from ._ntk import mean_field_inner
 from ._params import AttentionParams
@@ -89,6 +90,7 @@ def gradient_flow(
     s1: ScalarLike,
     *,
     ss: Float[Array, " S"] | None = None,
+    saveat: diffrax.SaveAt | None = None,
     key: PRNGKeyArray | None = None,
     batch_size: int | None = None,
     solver: diffrax.AbstractSolver = diffrax.Tsit5(),
@@ -127,6 +129,8 @@ def gradient_flow(
       `s` would make a stochastic process that an adaptive ODE solver cannot
       integrate: use [`mfattn.train`][] with `optax.sgd` for that).
     - `s1`: final training time.
+    - `saveat`: a `diffrax.SaveAt` with `ts` (and/or `t0`, `t1`), the same as
+      `ss` (give one of them).
     - `ss`: times at which to save parameters and risk (default 33 equispaced
       times in `[0, s1]`).
     - `key`, `batch_size`: for a sampler.
@@ -146,6 +150,10 @@ def gradient_flow(
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
     risk = _as_risk(data, key, batch_size)
     dtype = model.params.dtype
+    if saveat is not None:
+        if ss is not None:
+            raise TypeError("pass `saveat` or `ss`, not both")
+        ss = opts.save_times(saveat, None, 0.0, s1, dtype=dtype)
     if ss is None:
         ss = jnp.linspace(0.0, s1, 33, dtype=dtype)
     ss = jnp.asarray(ss, dtype)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _solver_options as opts
 from ._checks import as_float_array, check_beta, is_concrete
 from ._custom_types import BetaLike, ScalarLike
 from ._field import AttentionField
@@ -212,6 +213,10 @@ def solve_sde(
     brownian_tol: ScalarLike | None = None,
     max_steps: int | None = None,
     kernel: AbstractAttentionKernel | None = None,
+    saveat: diffrax.SaveAt | None = None,
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    throw: bool = True,
+    progress_meter: diffrax.AbstractProgressMeter | None = None,
 ) -> SDESolution:
     """Solve the common-noise SDE of the stochastic transformer limit
     (docs/theory.md, section 9),
@@ -255,7 +260,10 @@ def solve_sde(
     - `test_points`, `test_positions`: test particles `(m, d)` moved by the
       same drift and noise without acting on the measure.
     - `t1`, `dt0`: final time and (constant) step.
-    - `solver`: a Diffrax SDE solver.
+    - `solver`: a Diffrax SDE solver. `stepsize_controller` (default
+      `diffrax.ConstantStepSize()` with `dt0`), `throw`, `progress_meter`:
+      Diffrax's options with Diffrax's meaning; `saveat` (a `diffrax.SaveAt`
+      with `ts`, `t0`, `t1`) is the same as `ts` (give one of them).
     - `ts`: save times in `[0, t1]` (default `[0, t1]`). With `tangent`, they
       are also the renormalisation times and must start at `0`.
     - `tangent`: an initial tangent `dX_0 (n, d)`: the linearised flow of the
@@ -284,9 +292,17 @@ def solve_sde(
             raise ValueError(f"`test_points` has dimension {Z0.shape[1]}, expected d={d}")
     N = n + Z0.shape[0]
     Y0 = jnp.concatenate([X0, Z0], axis=0)
+    if saveat is not None:
+        if ts is not None:
+            raise TypeError("pass `saveat` or `ts`, not both")
+        ts = opts.save_times(saveat, None, 0.0, t1, dtype=dtype)
     if ts is None:
         ts = jnp.stack([jnp.zeros((), dtype), jnp.asarray(t1, dtype)])
     ts = as_float_array(ts, "ts", ndim=1).astype(dtype)
+    if stepsize_controller is None:
+        stepsize_controller = diffrax.ConstantStepSize()
+    if progress_meter is None:
+        progress_meter = diffrax.NoProgressMeter()
     if max_steps is None:
         if not (is_concrete(dt0) and is_concrete(t1)):
             raise ValueError("pass a static `max_steps` when `dt0` or `t1` is traced")
@@ -323,8 +339,10 @@ def solve_sde(
             dt0,
             Y,
             saveat=saveat,
-            stepsize_controller=diffrax.ConstantStepSize(),
+            stepsize_controller=stepsize_controller,
             max_steps=max_steps,
+            throw=throw,
+            progress_meter=progress_meter,
         )
 
     if tangent is None:
