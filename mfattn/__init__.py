@@ -13,6 +13,7 @@ from ._adversarial import central_difference as central_difference
 from ._adjoint import AbstractLimitAdjoint as AbstractLimitAdjoint
 from ._adjoint import ClosedFormAdjoint as ClosedFormAdjoint
 from ._adjoint import DiffraxAdjoint as DiffraxAdjoint
+from ._attention_weights import attention_weights as attention_weights
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
@@ -43,10 +44,12 @@ from ._gradient_flow import GradientFlowField as GradientFlowField
 from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
 from ._gradient_flow import gradient_flow as gradient_flow
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
+from ._kernels import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
 from ._kernels import ShardedKernel as ShardedKernel
+from ._kernels import UnnormalizedKernel as UnnormalizedKernel
 from ._limit import limit_gradient as limit_gradient
 from ._limit import solve_limit as solve_limit
 from ._loss import AbstractLoss as AbstractLoss

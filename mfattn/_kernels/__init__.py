@@ -2,10 +2,12 @@
 
 from ._auto import AutoKernel as AutoKernel
 from ._base import AbstractAttentionKernel as AbstractAttentionKernel
+from ._base import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._chunked import ChunkedKernel as ChunkedKernel
 from ._dense import DenseKernel as DenseKernel
 from ._sharded import ShardedKernel as ShardedKernel
 from ._sharded import auto_mesh as auto_mesh
+from ._unnormalized import UnnormalizedKernel as UnnormalizedKernel
 
 
 def resolve_kernel(kernel=None, chunk_size=None, mesh=None) -> AbstractAttentionKernel:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _softmax
-from ._base import AbstractAttentionKernel, check_positions
+from ._base import AbstractAttentionKernel, as_slope, check_options, check_positions
 
 
 def _blocks(x, chunk):
@@ -27,19 +27,34 @@ class ChunkedKernel(AbstractAttentionKernel):
     **Arguments:**
 
     - `chunk_size`: keys per block, a positive int.
-    - `causal`: as for [`mfattn.DenseKernel`][].
+    - `causal`, `strict`, `alibi_slope`: as for [`mfattn.DenseKernel`][] (the
+      ALiBi length `n` counts the positive-weight keys of all the blocks; the
+      padding keys have weight 0).
+
+    **Raises:** `ValueError` for a `chunk_size` that is not a positive int, and
+    as [`mfattn.DenseKernel`][] for the other options.
     """
 
     chunk_size: int = eqx.field(static=True)
     causal: bool = eqx.field(static=True, default=False)
+    strict: bool = eqx.field(static=True, default=False, kw_only=True)
+    alibi_slope: float | None = eqx.field(
+        static=True, default=None, converter=as_slope, kw_only=True
+    )
 
     def __check_init__(self):
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+        if (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
             raise ValueError(f"`chunk_size` must be a positive int, got {self.chunk_size!r}")
+        check_options(self)
 
     def forward(self, q, k, v, w, beta, qpos=None, kpos=None):
         qpos, kpos = check_positions(self, qpos, kpos)
         cs = self.chunk_size
+        n = _softmax.num_tokens(w)
         wb = _blocks(w, cs)
         pb = None if kpos is None else _blocks(kpos, cs)
 
@@ -48,8 +63,8 @@ class ChunkedKernel(AbstractAttentionKernel):
 
             def body(state, blk):
                 kk, vv, ww, pp = blk
-                mask = _softmax.visible(qpos, pp)
-                return _softmax.forward_update(state, qh, kk, vv, ww, beta, mask), None
+                mask, bias = _softmax.mask_and_bias(self, qpos, pp, n, qh.dtype)
+                return _softmax.forward_update(state, qh, kk, vv, ww, beta, mask, bias), None
 
             state = _softmax.forward_init(qh, vh.shape[-1])
             state, _ = lax.scan(body, state, (_blocks(kh, cs), _blocks(vh, cs), wb, pb))
@@ -61,6 +76,7 @@ class ChunkedKernel(AbstractAttentionKernel):
         qpos, kpos = check_positions(self, qpos, kpos)
         cs = self.chunk_size
         n, kdim = k.shape[-2:]
+        ntok = _softmax.num_tokens(w)
         wb = _blocks(w, cs)
         pb = None if kpos is None else _blocks(kpos, cs)
 
@@ -69,8 +85,10 @@ class ChunkedKernel(AbstractAttentionKernel):
 
             def body(dq, blk):
                 kk, vv, ww, pp = blk
-                mask = _softmax.visible(qpos, pp)
-                dqb, dk, dv = _softmax.backward_block(qh, kk, vv, ww, oh, lh, ch, u, beta, mask)
+                mask, bias = _softmax.mask_and_bias(self, qpos, pp, ntok, qh.dtype)
+                dqb, dk, dv = _softmax.backward_block(
+                    qh, kk, vv, ww, oh, lh, ch, u, beta, mask, bias
+                )
                 return dq + dqb, (dk, dv)
 
             blocks = (_blocks(kh, cs), _blocks(vh, cs), wb, pb)
@@ -78,3 +96,10 @@ class ChunkedKernel(AbstractAttentionKernel):
             return dq, dk.reshape(-1, kdim)[:n], dv.reshape(-1, kdim)[:n]
 
         return lax.map(head, (q, k, v, o, aux, c))
+
+    def weights(self, q, k, w, beta, qpos=None, kpos=None):
+        # the log-normaliser by the online softmax, then one (H, m, n) density
+        _, lse = self.forward(q, k, jnp.zeros(k.shape[:-1] + (1,), k.dtype), w, beta, qpos, kpos)
+        qpos, kpos = check_positions(self, qpos, kpos)
+        mask, bias = _softmax.mask_and_bias(self, qpos, kpos, _softmax.num_tokens(w), q.dtype)
+        return _softmax.softmax_weights(q, k, w, lse, beta, mask, bias)

@@ -40,7 +40,8 @@ class ShardedKernel(AbstractAttentionKernel):
     **Arguments:**
 
     - `kernel`: the per-device kernel ([`mfattn.DenseKernel`][] or
-      [`mfattn.ChunkedKernel`][]); it decides `causal`.
+      [`mfattn.ChunkedKernel`][]); it decides `causal`, `uses_positions` and
+      whether there is a backward pass.
     - `mesh`: a `jax.sharding.Mesh`; its axes are used as `Auto` axes (an
       `Explicit` mesh, `jax.make_mesh`'s default, is converted). To place data
       on the devices yourself, e.g. parameters replicated so that a jitted
@@ -62,6 +63,14 @@ class ShardedKernel(AbstractAttentionKernel):
     @property
     def causal(self) -> bool:
         return self.kernel.causal
+
+    @property
+    def uses_positions(self) -> bool:
+        return self.kernel.uses_positions
+
+    @property
+    def has_backward(self) -> bool:
+        return self.kernel.has_backward
 
     def _specs(self):
         axes = tuple(self.mesh.axis_names)
