@@ -32,6 +32,7 @@ import pathlib
 import platform
 import time
 
+import diffrax
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -51,7 +52,7 @@ def _solve(model, measure, loss, z, zl, T):
         model.beta,
         z,
         test_labels=zl,
-        ts=jnp.arange(T + 1) / T,
+        saveat=diffrax.SaveAt(ts=jnp.arange(T + 1) / T),
         interpolation="constant",
     )
     return [np.asarray(a) for a in (sol.xs, sol.ps, sol.test_xs, sol.test_ps)]

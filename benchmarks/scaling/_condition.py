@@ -7,6 +7,7 @@ import zlib
 from functools import partial
 
 import equinox as eqx
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,7 @@ def _limit_eval(grid, measure, loss, z, zl, beta, kernel, T):
         beta,
         z,
         test_labels=zl,
-        ts=jnp.arange(T + 1) / T,
+        saveat=diffrax.SaveAt(ts=jnp.arange(T + 1) / T),
         interpolation="constant",
         kernel=kernel,
     )
