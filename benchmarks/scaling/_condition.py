@@ -6,8 +6,8 @@ import time
 import zlib
 from functools import partial
 
-import equinox as eqx
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
