@@ -11,10 +11,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from ._checkpoint import list_checkpoints, load_latest, save_checkpoint
+from ._checkpoint import check_count
 from ._checks import check_finite
+from ._fingerprint import run_fingerprint
 from ._model import AbstractModel
 from ._params import AttentionParams
+from ._plots import plot_training
+from ._runs import CheckpointRun, open_checkpoint_dir
 
 
 class TrainState(NamedTuple):
@@ -43,8 +46,9 @@ class DivergenceError(RuntimeError):
     - `state`: the last finite [`mfattn.TrainState`][] (after step `step - 1`).
     - `history`: the history (as in [`mfattn.TrainResult`][]) up to and
       including step `step`.
-    - `checkpoint`: the newest checkpoint left in `checkpoint_dir` (its
-      manifest path), from which a rerun resumes, or `None`.
+    - `checkpoint`: the checkpoint a rerun resumes from (its manifest path):
+      the newest valid one of this run in `checkpoint_dir` numbered up to
+      `num_steps`; or `None`.
     """
 
     def __init__(self, message, *, step, what, state, history, checkpoint):
@@ -161,6 +165,7 @@ def train(
     record_params: bool = False,
     progress: bool = True,
     state: TrainState | None = None,
+    allow_optimizer_change: bool = False,
 ) -> TrainResult:
     """Train `model` for `num_steps` optimiser steps on fresh data.
 
@@ -176,61 +181,160 @@ def train(
     - `model`: a [`mfattn.DiscreteTransformer`][] or [`mfattn.MeanFieldTransformer`][].
     - `sampler`: `sampler(key, batch_size) -> (measures, losses)`, batched.
     - `optimizer`: an `optax.GradientTransformation`.
-    - `num_steps`: total number of steps of the run (a resumed run continues
-      to this number).
+    - `num_steps`: total number of steps of the run, a non-negative int (a
+      resumed run continues to this number).
     - `key`: the PRNG key of the run; step `k` uses the `k`-th split of it, so
       that a resumed run reproduces the uninterrupted one.
-    - `checkpoint_dir`, `checkpoint_every`: write a checkpoint (the full
-      [`mfattn.TrainState`][] plus the history) every `checkpoint_every` steps
-      (rounded up to a multiple of `steps_per_call`) and at the end; keep the
-      last `keep`. With `resume=True` (default) the run restarts from the newest
-      valid checkpoint there.
+    - `batch_size`, `steps_per_call`: positive ints.
+    - `checkpoint_dir`: a directory for checkpoints (the full
+      [`mfattn.TrainState`][] plus the history), created and locked (the file
+      `mfattn.lock`, holding this process's pid and host) before the first
+      step, so that an unusable directory or one in use by another run fails
+      at once; the lock of a killed run is taken over with a warning.
+    - `checkpoint_every`: `None` (a checkpoint at the end only) or a positive
+      int: a checkpoint every `checkpoint_every` steps (rounded up to a
+      multiple of `steps_per_call`) and at the end.
+    - `keep`: a positive int: of this run's checkpoints up to the one just
+      written, the newest `keep` are kept.
+    - `resume`: with `True` (default), restart from the newest valid
+      checkpoint of this run in `checkpoint_dir` numbered up to `num_steps`.
     - `record_params`: also return the parameters after every step.
     - `state`: continue from a [`mfattn.TrainState`][] (overrides `model`/`key`).
+    - `allow_optimizer_change`: also resume from checkpoints of a run that
+      differs from this one in the optimizer only (e.g. a smaller learning
+      rate after a [`mfattn.DivergenceError`][]; the optimiser state must have
+      the same structure), with a warning.
+
+    **Checkpoints belong to a run.** Each records the fingerprint of the run
+    that wrote it (in the manifest and, as a run id, in its name,
+    `ckpt-00000005-<run>.json`): the model's tree structure, shapes, dtypes
+    and configuration, its initial parameter values, the optimizer (its
+    functions, what their closures hold, and the updates it makes in two steps
+    on fixed data), the sampler (its structure and configuration; for a
+    function, its code, closure and the data globals it reads), the key, the
+    starting `state`, `batch_size` and `steps_per_call`. `num_steps` is not
+    part of it: a run may be continued to more steps, and a resume never
+    returns a state past `num_steps` (checkpoints of this run numbered higher
+    are left alone, and the run starts from an earlier one or from step 0).
+    With `resume=True`, a directory that holds checkpoints of other runs but
+    none of this one is an error before training, naming what differs; with
+    `resume=False` the run starts afresh and writes its own checkpoints beside
+    the others'. Clean-up removes only this run's older checkpoints, never
+    another run's or newer ones.
 
     Every step checks, inside the jitted chunk, that the batch loss, the
     gradient norm and every parameter field after the update are finite; the
     first step that is not, and what went non-finite, are sent to the host with
     the chunk's metrics. Then `train` stops without writing that chunk to the
     checkpoints, so the newest checkpoint is the last finite one, and a rerun
-    with a smaller learning rate and the same `checkpoint_dir` resumes from it
-    (checkpoints are written atomically and verified on load; a non-finite or
-    corrupted one is skipped with a warning).
+    with a smaller learning rate, `allow_optimizer_change=True` and the same
+    `checkpoint_dir` resumes from it (checkpoints are written atomically and
+    verified on load; a non-finite, corrupted or malformed one is skipped with
+    a warning).
 
     **Returns:** a [`mfattn.TrainResult`][].
 
     **Raises:** [`mfattn.DivergenceError`][] naming the step and what went
     non-finite (it carries the last finite state and the history);
-    `ValueError` for non-finite initial parameters. A runtime check that fires
-    inside a chunk (a limit solve that fails, a sampler that draws a NaN) is
-    raised as it is, with a note naming the chunk's steps; that chunk is not
-    written to the checkpoints either.
+    `ValueError` for non-finite initial parameters; `TypeError`/`ValueError`
+    naming the argument for a bad argument, an unusable `checkpoint_dir`, or
+    one holding other runs' checkpoints only (with `resume=True`);
+    `RuntimeError` if another run holds `checkpoint_dir`. A runtime check that
+    fires inside a chunk (a limit solve that fails, a sampler that draws a
+    NaN) is raised as it is, with a note naming the chunk's steps; that chunk
+    is not written to the checkpoints either. A failed checkpoint write (a
+    full disk) is raised with a note; the earlier checkpoints are kept.
     """
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
-    if not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be a non-negative int, got {num_steps!r}")
-    if steps_per_call < 1:
-        raise ValueError("`steps_per_call` must be >= 1")
+    num_steps = check_count(num_steps, "num_steps", 0)
+    batch_size = check_count(batch_size, "batch_size", 1)
+    steps_per_call = check_count(steps_per_call, "steps_per_call", 1)
+    if checkpoint_every is not None:
+        checkpoint_every = check_count(checkpoint_every, "checkpoint_every", 1)
+    keep = check_count(keep, "keep", 1)
+    flags = dict(resume=resume, record_params=record_params, progress=progress)
+    flags["allow_optimizer_change"] = allow_optimizer_change
+    for name, flag in flags.items():
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"`{name}` must be a bool, got {flag!r}")
     if state is None:
         check_finite(model.params, "model.params")
         state = TrainState(model, optimizer.init(model.params), jnp.asarray(0, jnp.int32), key)
+        given = None
     else:
         check_finite(state.model.params, "state.model.params")
+        if int(state.step) > num_steps:
+            raise ValueError(
+                f"`state` is at step {int(state.step)}, past `num_steps` = {num_steps}"
+            )
+        given = state
+    lock = None
+    if checkpoint_dir is not None:
+        checkpoint_dir, lock = open_checkpoint_dir(checkpoint_dir)
+    try:
+        run = None
+        if checkpoint_dir is not None:
+            fingerprint = run_fingerprint(
+                state.model,
+                optimizer,
+                sampler,
+                state.key,
+                batch_size=batch_size,
+                steps_per_call=steps_per_call,
+                state=given,
+            )
+            run = CheckpointRun(checkpoint_dir, fingerprint, num_steps, allow_optimizer_change)
+        return _train(
+            state,
+            sampler,
+            optimizer,
+            num_steps,
+            batch_size=batch_size,
+            steps_per_call=steps_per_call,
+            run=run,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=resume,
+            record_params=record_params,
+            progress=progress,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    state,
+    sampler,
+    optimizer,
+    num_steps,
+    *,
+    batch_size,
+    steps_per_call,
+    run,
+    checkpoint_every,
+    keep,
+    resume,
+    record_params,
+    progress,
+):
     history: dict[str, list] = {
         k: []
         for k in ("loss", "grad_norm", "param_norm", "max_block_norm", "chunk_step", "block_norms")
     }
     trajectory = [jax.tree.map(lambda a: np.asarray(a)[None], state.model.params)]
-    if checkpoint_dir is not None and resume:
-        found = load_latest(checkpoint_dir, state)
+    if run is not None and resume:
+        found = run.resume(state)
         if found is not None:
-            _, state, saved = found
+            path, state, saved = found
             history = {k: list(saved[k]) if k in saved else [] for k in history}
             if record_params:
                 if "trajectory_0" not in saved:
                     raise ValueError(
-                        "resuming with record_params=True from a checkpoint written without it"
+                        f"resuming with `record_params=True` from {path}, written without "
+                        "it: pass `record_params=False`, or `resume=False` to start afresh, "
+                        "or use another `checkpoint_dir`"
                     )
                 treedef = jax.tree.structure(state.model.params)
                 leaves = [saved[f"trajectory_{i}"] for i in range(treedef.num_leaves)]
@@ -257,7 +361,7 @@ def train(
         except RuntimeError as e:  # a runtime check inside the chunk (e.g. a failed solve)
             if bar is not None:
                 bar.close()
-            _add_note(e, _chunk_note(step, num, checkpoint_dir))
+            _add_note(e, _chunk_note(step, num, run, state))
             raise
         metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
         if first_bad >= 0:
@@ -271,7 +375,7 @@ def train(
                 [n for n, f in zip(_check_names(state.model.params), what) if f],
                 TrainState(*carry),
                 _history_arrays(history),
-                checkpoint_dir,
+                run,
                 num_steps,
             )
         state = TrainState(*carry)
@@ -285,16 +389,15 @@ def train(
         if bar is not None:
             bar.update(num)
             bar.set_postfix(loss=f"{metrics['loss'][-1]:.4g}")
-        if checkpoint_dir is not None and (
+        if run is not None and (
             step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
-            save_checkpoint(
-                checkpoint_dir,
-                step,
-                state,
-                _history_arrays(history, trajectory, record_params),
-                keep,
-            )
+            try:
+                run.save(step, state, _history_arrays(history, trajectory, record_params), keep)
+            except BaseException:
+                if bar is not None:
+                    bar.close()
+                raise
     if bar is not None:
         bar.close()
     traj_out = None
@@ -303,15 +406,8 @@ def train(
     return TrainResult(state.model, state, _history_arrays(history), traj_out)
 
 
-def _newest_checkpoint(checkpoint_dir):
-    if checkpoint_dir is None:
-        return None
-    manifests = list_checkpoints(checkpoint_dir)
-    return manifests[-1] if manifests else None
-
-
-def _chunk_note(step, num, checkpoint_dir):
-    checkpoint = _newest_checkpoint(checkpoint_dir)
+def _chunk_note(step, num, run, like):
+    checkpoint = None if run is None else run.resumable(like)
     kept = "" if checkpoint is None else f"; the newest checkpoint, {checkpoint}, is kept"
     return (
         f"mfattn.train: raised while running steps {step + 1}-{step + num}; nothing of "
@@ -324,16 +420,16 @@ def _add_note(error, note):
         error.add_note(note)
 
 
-def _raise_divergence(step, what, state, history, checkpoint_dir, num_steps):
-    checkpoint = _newest_checkpoint(checkpoint_dir)
+def _raise_divergence(step, what, state, history, run, num_steps):
+    checkpoint = None if run is None else run.resumable(state)
     if checkpoint is not None:
         advice = (
             f"The last checkpoint, {checkpoint.name} in {checkpoint.parent}, is finite and "
-            "was kept: rerun `train` with the same `checkpoint_dir` and a smaller "
-            "learning rate to resume from it."
+            "was kept: rerun `train` with the same `checkpoint_dir`, a smaller learning "
+            "rate and `allow_optimizer_change=True` to resume from it."
         )
-    elif checkpoint_dir is not None:
-        advice = f"No checkpoint had been written to {checkpoint_dir} yet."
+    elif run is not None:
+        advice = f"No checkpoint of this run had been written to {run.directory} yet."
     else:
         advice = "No `checkpoint_dir` was given."
     raise DivergenceError(
@@ -363,14 +459,19 @@ def _history_arrays(history, trajectory=None, record=False):
 
 
 def save_results(directory, result: TrainResult, extra: dict | None = None) -> pathlib.Path:
-    """Write a run's results for notebooks: `history.json` (metrics per step),
-    `params.eqx` (final parameters), `loss.png` (the loss curve)."""
+    """Write a run's results for notebooks.
+
+    **Arguments:**
+
+    - `directory`: where to write (created if missing).
+    - `result`: a [`mfattn.TrainResult`][].
+    - `extra`: a JSON-serialisable dict added to `history.json`.
+
+    **Returns:** `directory`, holding `history.json` (metrics per step),
+    `params.eqx` (final parameters) and `loss.png` (the loss curve and the
+    largest block norm, drawn without touching matplotlib's backend).
+    """
     import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -381,12 +482,5 @@ def save_results(directory, result: TrainResult, extra: dict | None = None) -> p
     payload.update(extra or {})
     (directory / "history.json").write_text(json.dumps(payload, indent=1))
     eqx.tree_serialise_leaves(directory / "params.eqx", result.model.params)
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot(h["loss"])
-    ax[0].set(xlabel="step", ylabel="training loss (batch mean)", yscale="log")
-    ax[1].plot(h["max_block_norm"])
-    ax[1].set(xlabel="step", ylabel="largest block norm")
-    fig.tight_layout()
-    fig.savefig(directory / "loss.png", dpi=120)
-    plt.close(fig)
+    plot_training(h, directory / "loss.png")
     return directory

@@ -1,7 +1,9 @@
 """Training workflow: loss goes down, checkpoints, resume, bounded norms."""
 
+import json
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +54,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: pathlib.Path):
         checkpoint_every=5,
         **kw,
     )
-    assert [p.name for p in mfattn.list_checkpoints(tmp_path)] == [
-        "ckpt-00000005.json",
-        "ckpt-00000010.json",
-    ]
+    names = [p.name for p in mfattn.list_checkpoints(tmp_path)]
+    assert [n[:14] for n in names] == ["ckpt-00000005-", "ckpt-00000010-"]
+    assert names[0][14:] == names[1][14:]  # one run, named by its fingerprint
     resumed = mfattn.train(
         _model(),
         TASK,
@@ -89,23 +90,24 @@ def test_corrupted_checkpoint_clear_error_previous_kept(tmp_path):
         checkpoint_every=5,
         progress=False,
     )
-    latest = tmp_path / "ckpt-00000010.eqx"
+    previous, latest = mfattn.list_checkpoints(tmp_path)
+    latest = latest.with_suffix(".eqx")
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])  # truncated
     like = mfattn.TrainState(
         _model(), opt.init(_model().params), jnp.asarray(0, jnp.int32), jax.random.key(0)
     )
-    with pytest.raises(mfattn.CheckpointError, match="ckpt-00000010.eqx"):
-        mfattn.load_checkpoint(tmp_path / "ckpt-00000010.json", like)
+    with pytest.raises(mfattn.CheckpointError, match=latest.name):
+        mfattn.load_checkpoint(latest.with_suffix(".json"), like)
     # the previous checkpoint is still there and loads
-    step, state, _ = mfattn.load_checkpoint(tmp_path / "ckpt-00000005.json", like)
+    step, state, _ = mfattn.load_checkpoint(previous, like)
     assert step == 5 and int(state.step) == 5
     # a bit flip of the same length is caught by the checksum
     flipped = bytearray(data)
     flipped[-3] ^= 0xFF
     latest.write_bytes(bytes(flipped))
     with pytest.raises(mfattn.CheckpointError, match="corrupted"):
-        mfattn.load_checkpoint(tmp_path / "ckpt-00000010.json", like)
+        mfattn.load_checkpoint(latest.with_suffix(".json"), like)
     with pytest.warns(UserWarning, match="skipping bad checkpoint"):
         found = mfattn.load_latest(tmp_path, like)
     assert found[0] == 5
@@ -134,7 +136,16 @@ def test_parameter_norms_stay_bounded_with_weight_decay():
     assert m[200:].max() <= 1.1 * m[:200].max() + 0.5
 
 
-def test_save_results(tmp_path):
+def test_save_results(tmp_path, monkeypatch):
+    """`history.json`, `params.eqx` and `loss.png`, without setting
+    matplotlib's backend (a notebook's stays as it is)."""
+    import matplotlib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("matplotlib.use was called")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    backend = matplotlib.rcParams._get_backend_or_none()
     res = mfattn.train(
         _model(2, 2),
         TASK,
@@ -145,8 +156,13 @@ def test_save_results(tmp_path):
         steps_per_call=5,
         progress=False,
     )
-    out = mfattn.save_results(tmp_path / "run", res)
-    assert (out / "history.json").exists() and (out / "loss.png").exists()
+    out = mfattn.save_results(tmp_path / "run", res, {"note": "x"})
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "history.json").read_text())
+    assert history["note"] == "x" and len(history["loss"]) == 5
+    params = eqx.tree_deserialise_leaves(out / "params.eqx", res.model.params)
+    assert eqx.tree_equal(params, res.model.params)
+    assert matplotlib.rcParams._get_backend_or_none() == backend
 
 
 def test_training_compiles_once():
