@@ -227,9 +227,6 @@ def test_dense_and_chunked_agree(getkey, options):
     ]
     for a in ("xs", "ps", "test_xs", "test_ps", "grads"):
         assert tree_rel_err(getattr(sols[1], a), getattr(sols[0], a)) < 1e-10, a
-    # the options change the answer
-    plain = mfattn.solve_discrete(params, measure, loss, 3.0, z, kernel=mfattn.DenseKernel())
-    assert rel_err(plain.xs, sols[0].xs) > 1e-3
 
 
 def test_sharded_kernel_delegates(getkey):
@@ -305,8 +302,9 @@ def test_forward_only_kernel(getkey):
     params, measure, loss, z = _problem(getkey())
     # forward-only solves accept it
     ref = mfattn.solve_discrete(params, measure, None, 2.0, z, kernel=mfattn.DenseKernel())
-    fwd = mfattn.solve_discrete(params, measure, None, 2.0, z, kernel=kernel)
-    assert rel_err(fwd.xs, ref.xs) < 1e-12 and rel_err(fwd.test_xs, ref.test_xs) < 1e-12
+    model = mfattn.DiscreteTransformer(params, beta=2.0, kernel=kernel)
+    # probe_outputs is model(measure, test_points=z): solve_discrete with loss=None
+    assert rel_err(mfattn.probe_outputs(model, measure, z), ref.test_xs[-1]) < 1e-12
     # automatic differentiation of its forward pass works
     layer = params.layer(0)
     f = lambda kernel: jax.grad(lambda x: mfattn.AttentionField(2.0, kernel).forward(
