@@ -307,9 +307,13 @@ def test_forward_only_kernel(getkey):
     assert rel_err(mfattn.probe_outputs(model, measure, z), ref.test_xs[-1]) < 1e-12
     # automatic differentiation of its forward pass works
     layer = params.layer(0)
-    f = lambda kernel: jax.grad(lambda x: mfattn.AttentionField(2.0, kernel).forward(
-        measure.with_points(x), layer)[0].sum())(measure.points)
-    assert rel_err(f(kernel), f(mfattn.DenseKernel())) < 1e-12
+
+    def grad(kernel):
+        field = mfattn.AttentionField(2.0, kernel)
+        total = lambda x: field.forward(measure.with_points(x), layer)[0].sum()
+        return jax.grad(total)(measure.points)
+
+    assert rel_err(grad(kernel), grad(mfattn.DenseKernel())) < 1e-12
     # every closed-form adjoint names the kernel
     message = "TinyForwardKernel implements only the forward pass"
     with pytest.raises(TypeError, match=message):

@@ -20,10 +20,10 @@ class AbstractAttentionKernel(eqx.Module):
 
     - `forward`: the attention output `o_i = sum_j w_j A_ij v_j` and an auxiliary
       per-query quantity `aux` (whatever the kernel needs to recompute the
-      attention density in `backward`; leaves of leading shape `(H, m)`), and
+      attention density in `backward`; leaves of leading shape `(H, m)`),
     - `backward`: the closed-form cotangents of docs/theory.md, sections 1 and 4,
       for query cotangents `c (H, m, k)` and query weights `u (m,)`:
-      `dq` (keys weighted by `w`) and `dk, dv` (queries weighted by `u`).
+      `dq` (keys weighted by `w`) and `dk, dv` (queries weighted by `u`), and
     - `weights`: the attention matrix `P_ij = w_j A_ij`, `(H, m, n)` (what
       [`mfattn.attention_weights`][] returns).
 
