@@ -81,9 +81,36 @@ class TrainResult(NamedTuple):
     trajectory: AttentionParams | None
 
 
+def _loss_axes(losses, batch: int):
+    """`vmap` axes of a batch of losses: array fields with a leading batch axis
+    are per-sample data (axis 0); scalar fields (a Python or 0-d float, such as
+    a scale) are shared by the batch (`None`). Anything else is an error that
+    names the field."""
+    paths = jax.tree_util.tree_flatten_with_path(losses)[0]
+    axes = []
+    for path, leaf in paths:
+        shape = jnp.shape(leaf)
+        if shape == ():
+            axes.append(None)
+        elif shape[0] == batch:
+            axes.append(0)
+        else:
+            name = type(losses).__name__ + jax.tree_util.keystr(path)
+            raise ValueError(
+                f"the loss field `{name}` has shape {shape}: a batch of {batch} losses needs "
+                f"per-sample fields with a leading axis of {batch}, or scalar fields shared by "
+                "the batch; give a shared array field a leading axis (e.g. with "
+                "`jnp.broadcast_to`), or make it a scalar"
+            )
+    return jax.tree_util.tree_unflatten(jax.tree.structure(losses), axes)
+
+
 def batch_solve(model: AbstractModel, measures, losses):
-    """`model.solve` over a batch of measures (leading axis), vmapped."""
-    return jax.vmap(lambda m, lo: model.solve(m, lo))(measures, losses)
+    """`model.solve` over a batch of measures (leading axis), vmapped; the
+    losses' per-sample fields are mapped with them, their scalar fields shared."""
+    batch = measures.points.shape[0]
+    axes = _loss_axes(losses, batch)
+    return jax.vmap(lambda m, lo: model.solve(m, lo), in_axes=(0, axes))(measures, losses)
 
 
 @eqx.filter_jit
@@ -91,7 +118,7 @@ def evaluate(model: AbstractModel, sampler, key, batch_size: int = 64):
     """Mean loss of `model` on a batch of `batch_size` samples drawn from `key`
     (use a key never used for training for a held-out loss)."""
     measures, losses = sampler(key, batch_size)
-    return jnp.mean(jax.vmap(lambda m, lo: model.solve(m, lo).loss)(measures, losses))
+    return jnp.mean(batch_solve(model, measures, losses).loss)
 
 
 def _global_norm(tree):

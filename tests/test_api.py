@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import random_loss, random_measure, random_params, tree_allclose
 
@@ -277,3 +278,38 @@ def test_check_loss(getkey):
 
     with pytest.raises(ValueError, match="Wrong"):
         mfattn.check_loss(Wrong(jnp.zeros((6, 3))), measure)
+
+
+def test_train_with_a_custom_loss_with_a_scalar_field(getkey):
+    """A loss with a shared float field trains; a field that is neither
+    per-sample nor scalar fails at once naming it."""
+
+    class Scaled(mfattn.AbstractLoss):
+        targets: jax.Array
+        scale: float = 0.5
+
+        def __call__(self, measure):
+            r = measure.points - self.targets
+            return self.scale * jnp.sum(measure.weights[:, None] * r**2)
+
+        def lions_derivative(self, measure, x=None, labels=None):
+            return 2 * self.scale * (measure.points - self.targets)
+
+    def sampler(key, batch):
+        x = jax.random.normal(key, (batch, 4, 2))
+        return jax.vmap(mfattn.EmpiricalMeasure)(x), Scaled(0.5 * x)
+
+    m, lo = sampler(getkey(), 1)
+    one = mfattn.EmpiricalMeasure(m.points[0], m.weights[0])
+    assert mfattn.check_loss(Scaled(lo.targets[0]), one) < 1e-8
+    model = mfattn.DiscreteTransformer(random_params(getkey(), 2, 2, 2, 2), 1.0)
+    opt = optax.adam(1e-2)
+    res = mfattn.train(model, sampler, opt, 2, getkey(), batch_size=3, progress=False)
+    assert np.all(np.isfinite(res.history["loss"]))
+
+    def bad_sampler(key, batch):
+        meas, loss = sampler(key, batch)
+        return meas, Scaled(loss.targets, jnp.ones(7))
+
+    with pytest.raises(ValueError, match=r"Scaled\.scale"):
+        mfattn.train(model, bad_sampler, opt, 2, getkey(), batch_size=3, progress=False)
