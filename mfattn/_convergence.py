@@ -19,10 +19,11 @@ from ._geometry import as_geometry
 from ._renamed import renamed_kwargs
 
 
+@renamed_kwargs(num_nodes="depth", particles="heads")
 def antithetic_mean_field(
     key,
-    num_nodes,
-    particles,
+    depth,
+    heads,
     dim,
     head_dim,
     dtype=None,
@@ -34,7 +35,7 @@ def antithetic_mean_field(
     """The mean-field initialisation (docs/theory.md, section 6) with variance reduction that
     keeps the law `nu_0` exact.
 
-    `particles / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
+    `heads / 2` draws from `nu_0` and their antithetic copies `O -> -O`.
     Xavier-uniform is invariant under that flip, so the law is exact, the
     empirical mean of `O` is exactly zero, and so is the limit velocity at
     initialisation (docs/theory.md, section 6): the particle approximation of the limit has
@@ -42,12 +43,13 @@ def antithetic_mean_field(
 
     **Arguments:**
 
-    - `key`, `num_nodes`, `particles` (even), `dim`, `head_dim`, `dtype`: as in
+    - `key`, `depth` (formerly `num_nodes`), `heads` (even; formerly
+      `particles`), `dim`, `head_dim`, `dtype`: as in
       [`mfattn.AttentionParams.mean_field`][].
     - `sampling` (formerly `method`): `"random"` (i.i.d. uniform draws) or `"sobol"` (the `4 d k`
       uniform entries of the first half are a scrambled Sobol sequence, seeded
       from `key`: randomised quasi-Monte Carlo, still exactly `nu_0` marginally
-      for every particle). `"sobol"` works best with `particles / 2` a power
+      for every particle). `"sobol"` works best with `heads / 2` a power
       of two.
     - `independent_nodes`: if `False` (docs/theory.md, section 6), the same draws sit at
       every depth node. If `True`, every node gets its own draws: the law at
@@ -61,20 +63,20 @@ def antithetic_mean_field(
     if method is not None:
         warnings.warn("`method=` is deprecated; use `sampling=`", DeprecationWarning, stacklevel=2)
         sampling = method
-    if particles % 2:
-        raise ValueError(f"`particles` must be even for antithetic pairs, got {particles}")
+    if heads % 2:
+        raise ValueError(f"`heads` must be even for antithetic pairs, got {heads}")
     if sampling not in ("random", "sobol"):
         raise ValueError(f"`sampling` must be 'random' or 'sobol', got {sampling!r}")
     draw = AttentionParams.mean_field if sampling == "random" else _sobol_mean_field
     if independent_nodes:
-        _check_sizes(num_nodes=num_nodes)
+        _check_sizes(depth=depth)
         nodes = [
-            draw(jax.random.fold_in(key, j), 1, particles // 2, dim, head_dim, dtype)
-            for j in range(num_nodes)
+            draw(jax.random.fold_in(key, j), 1, heads // 2, dim, head_dim, dtype)
+            for j in range(depth)
         ]
         half = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *nodes)
     else:
-        half = draw(key, num_nodes, particles // 2, dim, head_dim, dtype)
+        half = draw(key, depth, heads // 2, dim, head_dim, dtype)
     return AttentionParams(
         *(
             jnp.concatenate([a, b], axis=1)
@@ -141,34 +143,26 @@ def flow_error(
     section 10), so the same formula applies.
     """
     L = params.depth
-    geometry = as_geometry(geometry, normalization)
-    disc = solve_discrete(
-        params,
-        measure,
-        loss,
-        beta,
-        test_points,
+    common = dict(
         test_labels=test_labels,
         test_positions=test_positions,
         kernel=kernel,
-        geometry=geometry,
+        geometry=as_geometry(geometry, normalization),
     )
-    ts = jnp.arange(L + 1, dtype=disc.ts.dtype) / L
+    disc = solve_discrete(params, measure, loss, beta, test_points, **common)
+    saveat = diffrax.SaveAt(ts=jnp.arange(L + 1, dtype=disc.ts.dtype) / L)
     lim = solve_limit(
         grid,
         measure,
         loss,
         beta,
         test_points,
-        test_labels=test_labels,
-        test_positions=test_positions,
-        saveat=diffrax.SaveAt(ts=ts),
+        saveat=saveat,
         interpolation=interpolation,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
-        kernel=kernel,
-        geometry=geometry,
+        **common,
     )
     return jnp.max(_norm(disc.test_xs - lim.test_xs) + _norm(disc.test_ps - lim.test_ps), axis=0)
 

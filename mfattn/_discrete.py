@@ -12,7 +12,7 @@ from ._field import AttentionField
 from ._geometry import AbstractGeometry, as_geometry
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss, terminal_condition
-from ._measure import EmpiricalMeasure
+from ._measure import EmpiricalMeasure, check_measure
 from ._mlp import Activation, MLPParams, resolve_activation
 from ._params import AttentionParams
 from ._path import ParamPath
@@ -31,13 +31,7 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
         raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
     if params.Q.ndim != 4:
         raise ValueError(f"`{name}` must have leaves of shape (L, H, d, k), got {params.Q.shape}")
-    if not isinstance(measure, EmpiricalMeasure):
-        raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
-    if measure.points.ndim != 2:
-        raise ValueError(
-            f"`measure.points` must be (n, d), got {measure.points.shape}; use "
-            "`jax.vmap` for a batch of measures"
-        )
+    check_measure(measure)
     if params.dim != measure.dim:
         raise ValueError(
             f"`{name}` has token dimension d={params.dim} but `measure` has d={measure.dim}"

@@ -14,14 +14,13 @@ from jaxtyping import Array, Float
 
 from ._checks import as_float_array, check_beta
 from ._kernels import AbstractAttentionKernel, resolve_kernel
-from ._measure import EmpiricalMeasure
+from ._measure import EmpiricalMeasure, check_measure
 from ._params import AttentionParams
 
 
 def check_layer(measure: EmpiricalMeasure, params: AttentionParams, name="params"):
     """Check that `params` holds one layer `(H, d, k)` matching `measure`'s `d`."""
-    if not isinstance(measure, EmpiricalMeasure):
-        raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
+    check_measure(measure)
     if not isinstance(params, AttentionParams):
         raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
     if params.Q.ndim != 3:

@@ -96,3 +96,15 @@ def _check_weights(weights):
         jnp.any(weights < 0) | (jnp.abs(jnp.sum(weights) - 1) > tol),
         "`weights` must be non-negative and sum to 1",
     )
+
+
+def check_measure(measure, name: str = "measure") -> None:
+    """`measure` is one token set: an `EmpiricalMeasure` with `(n, d)` points
+    (a batch is mapped with `jax.vmap`, not passed whole)."""
+    if not isinstance(measure, EmpiricalMeasure):
+        raise TypeError(f"`{name}` must be an EmpiricalMeasure, got {type(measure).__name__}")
+    if measure.points.ndim != 2:
+        raise ValueError(
+            f"`{name}.points` must be (n, d), got {measure.points.shape}; use "
+            "`jax.vmap` over a batch of measures"
+        )

@@ -113,19 +113,10 @@ class DiscreteTransformer(AbstractModel):
         self.residual_scaling = as_residual_scaling(residual_scaling)
 
     def _solve(self, measure, loss, test_points, test_labels):
-        return solve_discrete(
-            self.params,
-            measure,
-            loss,
-            self.beta,
-            test_points=test_points,
-            test_labels=test_labels,
-            kernel=self.kernel,
-            chunk_size=self.chunk_size,
-            mesh=self.mesh,
-            geometry=self.geometry,
-            residual_scaling=self.residual_scaling,
-        )
+        options = dict(kernel=self.kernel, chunk_size=self.chunk_size, mesh=self.mesh)
+        options.update(geometry=self.geometry, residual_scaling=self.residual_scaling)
+        args = (self.params, measure, loss, self.beta, test_points)
+        return solve_discrete(*args, test_labels=test_labels, **options)
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         if loss is None:
@@ -244,18 +235,9 @@ class MeanFieldTransformer(AbstractModel):
 
         if loss is None:
             raise TypeError("`loss` must be an mfattn loss; for the forward pass call `model(measure)`")
-        return solve_limit(
-            self.params,
-            measure,
-            loss,
-            self.beta,
-            test_points=test_points,
-            test_labels=test_labels,
-            saveat=saveat,
-            ts=ts,
-            adjoint=self.adjoint,
-            **self._options(),
-        )
+        args = (self.params, measure, loss, self.beta, test_points)
+        options = dict(saveat=saveat, ts=ts, adjoint=self.adjoint, **self._options())
+        return solve_limit(*args, test_labels=test_labels, **options)
 
     def __call__(self, measure, *, test_points=None, saveat=None) -> Solution:
         from ._limit import forward_limit

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._renamed import renamed_kwargs
+
 _FIELDS = ("Q", "K", "V", "O")
 
 
@@ -124,21 +126,25 @@ class AttentionParams(eqx.Module):
         return cls(*mats)
 
     @classmethod
+    @renamed_kwargs(num_nodes="depth", particles="heads")
     def mean_field(
         cls,
         key: PRNGKeyArray,
-        num_nodes: int,
-        particles: int,
+        depth: int,
+        heads: int,
         dim: int,
         head_dim: int,
         dtype=None,
     ) -> "AttentionParams":
-        """The mean-field initialisation of docs/theory.md, section 6: `M = particles` draws
-        `theta_0^m ~ nu_0` (Xavier-uniform), made once and repeated at each of
-        `num_nodes` depth-grid nodes, so that `nu_t = nu_0` for every `t`."""
-        _check_sizes(num_nodes=num_nodes)
-        one = cls.xavier_uniform(key, 1, particles, dim, head_dim, dtype)
-        return jax.tree.map(lambda a: jnp.repeat(a, num_nodes, axis=0), one)
+        """The mean-field initialisation of docs/theory.md, section 6: `M = heads`
+        parameter particles `theta_0^m ~ nu_0` (Xavier-uniform), drawn once and
+        repeated at each of the `depth` grid nodes (`J + 1`), so that
+        `nu_t = nu_0` for every `t`. The sizes are named as in
+        [`mfattn.AttentionParams.xavier_uniform`][] (`num_nodes=`, `particles=`
+        are their deprecated names)."""
+        _check_sizes(depth=depth)
+        one = cls.xavier_uniform(key, 1, heads, dim, head_dim, dtype)
+        return jax.tree.map(lambda a: jnp.repeat(a, depth, axis=0), one)
 
 
 def _check_sizes(**sizes):

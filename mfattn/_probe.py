@@ -40,7 +40,7 @@ from jaxtyping import Array, Float
 from ._discrete import discrete_vector_field
 from ._euler import euler_adjoint, euler_forward
 from ._limit import finite
-from ._measure import EmpiricalMeasure
+from ._measure import EmpiricalMeasure, check_measure
 from ._model import AbstractModel, DiscreteTransformer, MeanFieldTransformer
 from ._params import AttentionParams
 from ._residual import InverseDepth
@@ -72,13 +72,7 @@ def _check(model, measure, probes):
         )
     if not isinstance(getattr(model, "residual_scaling", InverseDepth()), InverseDepth):
         raise ValueError("probes are implemented for the `1/L` residual scaling only")
-    if not isinstance(measure, EmpiricalMeasure):
-        raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
-    if measure.points.ndim != 2:
-        raise ValueError(
-            f"`measure.points` must be (n, d), got {measure.points.shape}; use `jax.vmap` "
-            "over a batch of measures"
-        )
+    check_measure(measure)
     probes = jnp.asarray(probes)
     if probes.ndim != 2 or probes.shape[1] != measure.dim:
         raise ValueError(f"`probes` must be (m, d={measure.dim}), got shape {probes.shape}")
