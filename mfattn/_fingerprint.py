@@ -31,7 +31,8 @@ _LABELS = {
     "e.g. the learning rate)",
     "sampler": "the sampler (its configuration, e.g. the task or the loss)",
     "key": "the key",
-    "initial_state": "the starting state (`state=`)",
+    "initial_state": "the starting state (`state=`; to continue a run in its "
+    "`checkpoint_dir`, rerun it with a larger `num_steps` instead)",
 }
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_DEPTH = 16

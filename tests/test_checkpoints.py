@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import equinox as eqx
@@ -556,20 +557,17 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
 
 
 _KILLED = """
-import pathlib, sys, jax, numpy as np, optax, mfattn
+import sys, jax, numpy as np, optax, mfattn
 jax.config.update("jax_enable_x64", True)
 directory, out, num_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 params = mfattn.AttentionParams.xavier_uniform(jax.random.key(0), 2, 2, 2, 2)
 model = mfattn.DiscreteTransformer(params, 1.0)
 task = mfattn.DenoisingTask(dim=2, num_tokens=4, num_clusters=2)
 kw = dict(batch_size=2, steps_per_call=2, checkpoint_every=2, progress=False)
-if directory == "-":
-    kw["checkpoint_every"] = None
-else:
-    kw["checkpoint_dir"] = directory
-    found = mfattn.list_checkpoints(directory)
-    print("resuming" if found else "fresh", flush=True)
-res = mfattn.train(model, task, optax.adamw(1e-2), num_steps, jax.random.key(1), **kw)
+print("resuming" if mfattn.list_checkpoints(directory) else "fresh", flush=True)
+res = mfattn.train(
+    model, task, optax.adamw(1e-2), num_steps, jax.random.key(1), checkpoint_dir=directory, **kw
+)
 leaves = jax.tree.leaves(res.model.params) + [res.history["loss"]]
 np.savez(out, *[np.asarray(a) for a in leaves])
 """
@@ -579,18 +577,24 @@ np.savez(out, *[np.asarray(a) for a in leaves])
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
     """`kill -9` of a checkpointing run at random moments (a checkpoint every
     2 steps, so many land inside a write), again and again: each restart
-    resumes, and the run that finishes equals the uninterrupted one bitwise."""
+    resumes, and the run that finishes equals the uninterrupted one bitwise.
+    The moments are fractions 0.3-0.45 of the uninterrupted run's wall time,
+    so that at least two kills land before the end whatever the machine's
+    speed."""
     script = tmp_path / "run.py"
     script.write_text(_KILLED)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    num_steps = 3000
+    num_steps = 4000
     cmd = [sys.executable, str(script)]
-    ref = subprocess.run(cmd + ["-", str(tmp_path / "ref.npz"), str(num_steps)], env=env)
+    start = time.perf_counter()
+    ref_args = [str(tmp_path / "ref"), str(tmp_path / "ref.npz"), str(num_steps)]
+    ref = subprocess.run(cmd + ref_args, env=env)
+    wall = time.perf_counter() - start
     assert ref.returncode == 0
-    delays = jax.random.uniform(jax.random.key(0), (12,), minval=4.0, maxval=14.0)
+    fractions = jax.random.uniform(jax.random.key(0), (8,), minval=0.3, maxval=0.45)
     directory, out = tmp_path / "ckpt", tmp_path / "out.npz"
     kills, starts = 0, []
-    for delay in [*map(float, delays), None]:
+    for fraction in [*map(float, fractions), None]:
         proc = subprocess.Popen(
             cmd + [str(directory), str(out), str(num_steps)],
             env=env,
@@ -598,7 +602,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
             text=True,
         )
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=None if fraction is None else fraction * wall)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -607,7 +611,7 @@ def test_kill_9_at_random_moments_resumes_bitwise(tmp_path):
         if proc.returncode == 0:
             break
     assert proc.returncode == 0 and out.exists()
-    assert kills >= 3 and "resuming" in starts[1:]
+    assert kills >= 2 and "resuming" in starts[1:], (kills, starts)
     with np.load(tmp_path / "ref.npz") as a, np.load(out) as b:
         assert a.files == b.files
         for name in a.files:
