@@ -7,12 +7,12 @@ each, is in `docs/theory.md`.
 
 import importlib.metadata
 
-from ._adversarial import AdversarialSup as AdversarialSup
-from ._adversarial import adversarial_sup as adversarial_sup
-from ._adversarial import central_difference as central_difference
 from ._adjoint import AbstractLimitAdjoint as AbstractLimitAdjoint
 from ._adjoint import ClosedFormAdjoint as ClosedFormAdjoint
 from ._adjoint import DiffraxAdjoint as DiffraxAdjoint
+from ._adversarial import AdversarialSup as AdversarialSup
+from ._adversarial import adversarial_sup as adversarial_sup
+from ._adversarial import central_difference as central_difference
 from ._attention_weights import attention_weights as attention_weights
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import list_checkpoints as list_checkpoints
@@ -33,13 +33,13 @@ from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
 from ._field import AttentionField as AttentionField
 from ._fits import combined_fit as combined_fit
-from ._geometry import AbstractGeometry as AbstractGeometry
-from ._geometry import Euclidean as Euclidean
-from ._geometry import Sphere as Sphere
 from ._fits import jackknife as jackknife
 from ._fits import power_law_fit as power_law_fit
 from ._fits import slope_fit as slope_fit
 from ._fits import t_interval as t_interval
+from ._geometry import AbstractGeometry as AbstractGeometry
+from ._geometry import Euclidean as Euclidean
+from ._geometry import Sphere as Sphere
 from ._gradient_flow import GradientFlowField as GradientFlowField
 from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
 from ._gradient_flow import gradient_flow as gradient_flow
@@ -53,9 +53,9 @@ from ._kernels import UnnormalizedKernel as UnnormalizedKernel
 from ._limit import limit_gradient as limit_gradient
 from ._limit import solve_limit as solve_limit
 from ._loss import AbstractLoss as AbstractLoss
-from ._loss import check_loss as check_loss
 from ._loss import DenoisingLoss as DenoisingLoss
 from ._loss import MMDLoss as MMDLoss
+from ._loss import check_loss as check_loss
 from ._measure import EmpiricalMeasure as EmpiricalMeasure
 from ._mlp import MLPParams as MLPParams
 from ._mlp import mlp_backward as mlp_backward

@@ -28,7 +28,6 @@ import pathlib
 import sys
 import tempfile
 import time
-import warnings
 
 DEFAULT_STUDY_ARGS = ("--quick", "--out", "results/scaling_quick.json")
 """What `mfattn` without a command runs: `mfattn scaling` with these flags."""
@@ -104,6 +103,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "--out", default="results/default", help="results directory (resumes its checkpoints)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh (beside any checkpoints of other runs in --out)",
+    )
 
 
 def _check_writable(parser: argparse.ArgumentParser, out: pathlib.Path) -> None:
@@ -140,7 +144,6 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = {k: v for k, v in vars(args).items() if k != "command"}
 
     import jax
-    import jax.numpy as jnp
     import optax
 
     import mfattn
@@ -156,31 +159,33 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         opt = optax.adamw(args.lr, weight_decay=args.weight_decay)
     else:
         opt = mfattn.blockwise_adamw(args.lr, weight_decay=args.weight_decay)
-    # the checkpoint `train` resumes from, if any (its warnings about bad ones
-    # are left to `train`)
-    like = mfattn.TrainState(model, opt.init(params), jnp.asarray(0, jnp.int32), train_key)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        found = mfattn.load_latest(out / "checkpoints", like)
-    resumed_from = None if found is None else int(found[0])
-    if resumed_from is not None:
-        print(f"resuming from the checkpoint of step {resumed_from} in {out / 'checkpoints'}")
     before = float(mfattn.evaluate(model, task, test_key, 512))
     print(f"held-out loss before training: {before:.5f}")
     t0 = time.perf_counter()
-    result = mfattn.train(
-        model,
-        task,
-        opt,
-        args.steps,
-        train_key,
-        batch_size=args.batch_size,
-        steps_per_call=50,
-        checkpoint_dir=out / "checkpoints",
-        checkpoint_every=100,
-        progress=not args.no_progress,
-    )
+    try:
+        result = mfattn.train(
+            model,
+            task,
+            opt,
+            args.steps,
+            train_key,
+            batch_size=args.batch_size,
+            steps_per_call=50,
+            checkpoint_dir=out / "checkpoints",
+            checkpoint_every=100,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+        )
+    except (ValueError, RuntimeError) as e:  # another run's checkpoints, a locked directory
+        if isinstance(e, mfattn.DivergenceError):
+            raise
+        print(f"mfattn train: error: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
+    start = int(result.history["start_step"])
+    resumed_from = start if start > 0 else None
+    if resumed_from is not None:
+        print(f"resumed this run from its checkpoint of step {start} in {out / 'checkpoints'}")
     after = float(mfattn.evaluate(result.model, task, test_key, 512))
     print(
         f"held-out loss after {args.steps} steps:  {after:.5f} "

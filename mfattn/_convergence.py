@@ -13,9 +13,9 @@ from jaxtyping import Array, Float
 
 from ._custom_types import ScalarLike
 from ._discrete import solve_discrete
+from ._geometry import as_geometry
 from ._limit import solve_limit
 from ._params import AttentionParams, _check_sizes
-from ._geometry import as_geometry
 from ._renamed import renamed_kwargs
 
 

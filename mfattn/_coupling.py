@@ -14,7 +14,6 @@ import optax
 from jax import lax
 
 from ._discrete import solve_discrete
-from ._field import AttentionField
 from ._model import MeanFieldTransformer
 from ._params import AttentionParams
 
@@ -98,9 +97,7 @@ def train_coupled(
     if not isinstance(limit, MeanFieldTransformer):
         raise TypeError(f"`limit` must be a MeanFieldTransformer, got {type(limit).__name__}")
     if limit.normalization is not None:
-        raise ValueError(
-            "`train_coupled` is not implemented on the sphere (`geometry=Sphere()`)"
-        )
+        raise ValueError("`train_coupled` is not implemented on the sphere (`geometry=Sphere()`)")
     discrete = tuple(discrete)
     for i, p in enumerate(discrete):
         if not isinstance(p, AttentionParams) or p.Q.ndim < 4:

@@ -70,7 +70,14 @@ def check_mlp(mlp, params: AttentionParams, activation) -> None:
 
 
 def discrete_vector_field(
-    params, measure, field, *, test_positions=None, geometry=None, mlp=None, activation="tanh",
+    params,
+    measure,
+    field,
+    *,
+    test_positions=None,
+    geometry=None,
+    mlp=None,
+    activation="tanh",
     probes=False,
 ) -> AttentionVectorField:
     """The vector field of the `L`-layer model: the field on the
@@ -96,8 +103,21 @@ def _cast(measure, test_points, params, mlp):
 
 
 def _setup(
-    params, measure, loss, beta, test_points, test_labels, test_positions, kernel, chunk_size,
-    mesh, mlp, activation, residual_scaling, normalization, geometry,
+    params,
+    measure,
+    loss,
+    beta,
+    test_points,
+    test_labels,
+    test_positions,
+    kernel,
+    chunk_size,
+    mesh,
+    mlp,
+    activation,
+    residual_scaling,
+    normalization,
+    geometry,
 ):
     geometry = as_geometry(geometry, normalization)
     scaling = as_residual_scaling(residual_scaling)
@@ -110,7 +130,12 @@ def _setup(
     test_points = None if test_points is None else geometry.initial(test_points)
     field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
     vf = discrete_vector_field(
-        params, measure, field, test_positions=test_positions, geometry=geometry, mlp=mlp,
+        params,
+        measure,
+        field,
+        test_positions=test_positions,
+        geometry=geometry,
+        mlp=mlp,
         activation=activation,
     )
     return vf, scaling.factor(params.depth), measure, test_points, test_labels, dtype
@@ -218,8 +243,21 @@ def solve_discrete(
     shapes; a runtime error for non-finite parameters or test points.
     """
     vf, h, measure, test_points, test_labels, dtype = _setup(
-        params, measure, loss, beta, test_points, test_labels, test_positions, kernel,
-        chunk_size, mesh, mlp, activation, residual_scaling, normalization, geometry,
+        params,
+        measure,
+        loss,
+        beta,
+        test_points,
+        test_labels,
+        test_positions,
+        kernel,
+        chunk_size,
+        mesh,
+        mlp,
+        activation,
+        residual_scaling,
+        normalization,
+        geometry,
     )
     L = vf.path.num_nodes
     ts = jnp.arange(L + 1, dtype=dtype) / L
@@ -227,7 +265,9 @@ def solve_discrete(
     xs, zs, trace = euler_forward(vf, measure.points, test_points, h, keep=not forward_only)
     if forward_only:
         return Solution(ts=ts, xs=xs, test_xs=zs)
-    loss_value, p_last, pz_last = terminal_condition(loss, measure, xs[-1], None if zs is None else zs[-1], test_labels, dtype)
+    loss_value, p_last, pz_last = terminal_condition(
+        loss, measure, xs[-1], None if zs is None else zs[-1], test_labels, dtype
+    )
     p_last = vf.geometry.tangent(xs[-1], p_last)
     pz_last = None if zs is None else vf.geometry.tangent(zs[-1], pz_last)
     ps, pzs, (grads, mlp_grads) = euler_adjoint(vf, xs, zs, trace, p_last, pz_last, h)
@@ -267,8 +307,21 @@ def discrete_loss(
     if not isinstance(loss, AbstractLoss):
         raise TypeError(f"`loss` must be an mfattn loss (AbstractLoss), got {type(loss).__name__}")
     vf, h, measure, _, _, _ = _setup(
-        params, measure, loss, beta, None, None, None, kernel, chunk_size, mesh, mlp,
-        activation, residual_scaling, normalization, geometry,
+        params,
+        measure,
+        loss,
+        beta,
+        None,
+        None,
+        None,
+        kernel,
+        chunk_size,
+        mesh,
+        mlp,
+        activation,
+        residual_scaling,
+        normalization,
+        geometry,
     )
     xs, _, _ = euler_forward(vf, measure.points, None, h, keep=False)
     return loss(measure.with_points(xs[-1]))

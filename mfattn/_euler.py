@@ -90,7 +90,5 @@ def euler_adjoint(vf: AttentionVectorField, xs, zs, trace, p_last, pz_last, h):
         vf.layers(),
         caches,
     )
-    (p_first, pz_first), (ps, pzs, grads) = lax.scan(
-        step, (p_last, pz_last), inputs, reverse=True
-    )
+    (p_first, pz_first), (ps, pzs, grads) = lax.scan(step, (p_last, pz_last), inputs, reverse=True)
     return _concat(ps, p_first, True), _concat(pzs, pz_first, True), grads

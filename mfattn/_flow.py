@@ -15,10 +15,10 @@ from . import _solver_options as opts
 from ._checks import as_float_array, is_concrete
 from ._custom_types import BetaLike
 from ._field import AttentionField, check_layer
+from ._geometry import AbstractGeometry, as_geometry
 from ._kernels import AbstractAttentionKernel
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
-from ._geometry import AbstractGeometry, as_geometry
 from ._path import ParamPath
 from ._solution import Solution
 from ._vector_field import AttentionVectorField
@@ -153,7 +153,9 @@ def attention_flow(
     vf = AttentionVectorField(AttentionField(beta, kernel), path, measure, test_positions, geometry)
     if progress_meter is None:
         progress_meter = diffrax.NoProgressMeter()
-    xs, zs = _solve(vf, (x0, z0), ts.astype(dtype), solver, controller, dt0, max_steps, throw, progress_meter)
+    xs, zs = _solve(
+        vf, (x0, z0), ts.astype(dtype), solver, controller, dt0, max_steps, throw, progress_meter
+    )
     if test_points is None:
         return xs
     return Solution(ts=ts.astype(dtype), xs=xs, test_xs=zs)

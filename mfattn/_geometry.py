@@ -120,7 +120,9 @@ def as_geometry(geometry=None, normalization=None, name="geometry") -> AbstractG
         return Euclidean()
     if isinstance(geometry, str):
         if geometry != "sphere":
-            raise ValueError(f"`{name}` must be mfattn.Euclidean() or mfattn.Sphere(), got {geometry!r}")
+            raise ValueError(
+                f"`{name}` must be mfattn.Euclidean() or mfattn.Sphere(), got {geometry!r}"
+            )
         warnings.warn(
             f"`{name}='sphere'` is deprecated; use `{name}=mfattn.Sphere()`",
             DeprecationWarning,

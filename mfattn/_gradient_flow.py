@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _solver_options as opts
 from ._custom_types import ScalarLike
 from ._measure import EmpiricalMeasure
-from . import _solver_options as opts
 from ._model import AbstractModel
 from ._ntk import mean_field_inner
 from ._params import AttentionParams

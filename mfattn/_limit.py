@@ -349,11 +349,27 @@ def solve_limit(
             f"{type(adjoint).__name__}; for the limit's gradient see mfattn.limit_gradient"
         )
     prob = limit_problem(
-        params, measure, loss, beta, test_points=test_points, test_labels=test_labels,
-        test_positions=test_positions, times=times, interpolation=interpolation, solver=solver,
-        rtol=rtol, atol=atol, stepsize_controller=stepsize_controller, dt0=dt0,
-        max_steps=max_steps, throw=throw, progress_meter=progress_meter, kernel=kernel,
-        chunk_size=chunk_size, mesh=mesh, geometry=geometry,
+        params,
+        measure,
+        loss,
+        beta,
+        test_points=test_points,
+        test_labels=test_labels,
+        test_positions=test_positions,
+        times=times,
+        interpolation=interpolation,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        stepsize_controller=stepsize_controller,
+        dt0=dt0,
+        max_steps=max_steps,
+        throw=throw,
+        progress_meter=progress_meter,
+        kernel=kernel,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        geometry=geometry,
     )
     path = prob.path
     nodes = path.times
@@ -401,8 +417,6 @@ def solve_limit(
 def _worst(a, b):
     """The first failure of two solves' results (`successful` if none failed)."""
     return diffrax.RESULTS.where(diffrax.is_okay(a), b, a)
-
-
 
 
 @renamed_kwargs(**_RENAMED)
@@ -460,15 +474,28 @@ def limit_gradient(
     if loss is None:
         raise TypeError("`loss` must be an mfattn loss (AbstractLoss), got None")
     prob = limit_problem(
-        params, measure, loss, beta, times=times, interpolation=interpolation, solver=solver,
-        rtol=rtol, atol=atol, stepsize_controller=stepsize_controller, dt0=dt0,
-        max_steps=max_steps, throw=throw, progress_meter=progress_meter, kernel=kernel,
-        chunk_size=chunk_size, mesh=mesh, geometry=geometry,
+        params,
+        measure,
+        loss,
+        beta,
+        times=times,
+        interpolation=interpolation,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        stepsize_controller=stepsize_controller,
+        dt0=dt0,
+        max_steps=max_steps,
+        throw=throw,
+        progress_meter=progress_meter,
+        kernel=kernel,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        geometry=geometry,
     )
     c = prob.path.basis_integrals()[:, None, None, None]
     value, integrals = adjoint.loss_and_integrals(prob)
     return value, jax.tree.map(lambda a: a / c, integrals)
-
 
 
 __all__ = ["solve_limit", "limit_gradient", "ClosedFormAdjoint", "limit_problem", "LimitProblem"]

@@ -120,7 +120,9 @@ class DiscreteTransformer(AbstractModel):
 
     def solve(self, measure, loss, *, test_points=None, test_labels=None) -> Solution:
         if loss is None:
-            raise TypeError("`loss` must be an mfattn loss; for the forward pass call `model(measure)`")
+            raise TypeError(
+                "`loss` must be an mfattn loss; for the forward pass call `model(measure)`"
+            )
         return self._solve(measure, loss, test_points, test_labels)
 
     def __call__(self, measure, *, test_points=None) -> Solution:
@@ -234,7 +236,9 @@ class MeanFieldTransformer(AbstractModel):
         from ._limit import solve_limit
 
         if loss is None:
-            raise TypeError("`loss` must be an mfattn loss; for the forward pass call `model(measure)`")
+            raise TypeError(
+                "`loss` must be an mfattn loss; for the forward pass call `model(measure)`"
+            )
         args = (self.params, measure, loss, self.beta, test_points)
         options = dict(saveat=saveat, ts=ts, adjoint=self.adjoint, **self._options())
         return solve_limit(*args, test_labels=test_labels, **options)
@@ -245,4 +249,10 @@ class MeanFieldTransformer(AbstractModel):
         return forward_limit(self.problem(measure, test_points=test_points), saveat)
 
 
-__all__ = ["AbstractModel", "DiscreteTransformer", "MeanFieldTransformer", "Euclidean", "InverseDepth"]
+__all__ = [
+    "AbstractModel",
+    "DiscreteTransformer",
+    "MeanFieldTransformer",
+    "Euclidean",
+    "InverseDepth",
+]

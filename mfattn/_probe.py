@@ -22,10 +22,11 @@ cotangent `q = c` at the terminal time and token adjoints `p = 0` there,
 
 and `g(theta_{l,h}, l) = L H d<c, Phi>/dtheta_{l,h}` (the gradient map of
 docs/theory.md, section 4, for the output `<c, Phi>`). The limit integrates
-the same brackets backwards with Diffrax. A probe is a query of weight 1 and key weight 0: every term is the field's
-one closed-form pullback ([`mfattn.AttentionField.backward`][] with
-`probes=True`), stepped by the discrete model's Euler scan or the limit's
-Diffrax adjoint; a causal kernel places the probes after the last token (they see every
+the same brackets backwards with Diffrax. A probe is a query of weight 1 and
+key weight 0: every term is the field's one closed-form pullback
+([`mfattn.AttentionField.backward`][] with `probes=True`), stepped by the
+discrete model's Euler scan or the limit's Diffrax adjoint; a causal kernel
+places the probes after the last token (they see every
 token).
 """
 

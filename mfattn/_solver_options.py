@@ -77,7 +77,9 @@ def controller(
             )
         return diffrax.ConstantStepSize()
     r0, a0 = (RTOL, ATOL) if default_tols is None else default_tols
-    pid = diffrax.PIDController(rtol=r0 if rtol is None else rtol, atol=a0 if atol is None else atol)
+    pid = diffrax.PIDController(
+        rtol=r0 if rtol is None else rtol, atol=a0 if atol is None else atol
+    )
     if jumps is None or jumps.shape[0] == 0:
         return pid
     return diffrax.ClipStepSizeController(pid, jump_ts=jumps)

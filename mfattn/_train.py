@@ -70,7 +70,9 @@ class TrainResult(NamedTuple):
       step), `grad_norm` (global norm of the batch-mean gradient map),
       `param_norm` (global parameter norm after the step), `max_block_norm`
       (largest Frobenius norm of any block after the step); and per chunk:
-      `chunk_step`, `block_norms` (`(chunks, L, H, 4)`, order Q, K, V, O).
+      `chunk_step`, `block_norms` (`(chunks, L, H, 4)`, order Q, K, V, O);
+      and `start_step`, the step the run started from (0, or that of the
+      checkpoint it resumed).
     - `trajectory`: with `record_params=True`, the parameters before the first
       step and after every step, stacked (`(K+1, L, H, d, k)` leaves); else `None`.
     """
@@ -430,7 +432,9 @@ def _train(
     traj_out = None
     if record_params:
         traj_out = _concat(trajectory)
-    return TrainResult(state.model, state, _history_arrays(history), traj_out)
+    out = _history_arrays(history)
+    out["start_step"] = np.asarray(start)  # 0, or the step of the checkpoint resumed
+    return TrainResult(state.model, state, out, traj_out)
 
 
 def _chunk_note(step, num, run, like):

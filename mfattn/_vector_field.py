@@ -38,7 +38,8 @@ class AttentionVectorField(eqx.Module):
       used, the points come from the state.
     - `test_positions`: for a kernel that reads positions (causal), the
       positions of the extra particles (default: after the last token).
-    - `geometry`: [`mfattn.Euclidean`][]`()` (default) or [`mfattn.Sphere`][]`()`.
+    - `geometry`: [`mfattn.Euclidean`][]`()` (default) or [`mfattn.Sphere`][]`()`
+      (`normalization="sphere"` is its deprecated spelling).
     - `mlp`, `activation`: optional MLP blocks added to the attention, one per
       node of a piecewise-constant path (docs/theory.md, section 9).
     - `probes`: the extra particles are test particles (default, `False`:
@@ -51,10 +52,32 @@ class AttentionVectorField(eqx.Module):
     path: ParamPath
     measure: EmpiricalMeasure
     test_positions: Array | None = None
-    geometry: AbstractGeometry = eqx.field(default=Euclidean(), converter=as_geometry)
-    mlp: MLPParams | None = None
-    activation: Activation = eqx.field(static=True, default="tanh")
-    probes: bool = eqx.field(static=True, default=False)
+    geometry: AbstractGeometry
+    mlp: MLPParams | None
+    activation: Activation = eqx.field(static=True)
+    probes: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        field: AttentionField,
+        path: ParamPath,
+        measure: EmpiricalMeasure,
+        test_positions: Array | None = None,
+        geometry: AbstractGeometry | str | None = None,
+        mlp: MLPParams | None = None,
+        activation: Activation = "tanh",
+        probes: bool = False,
+        *,
+        normalization: str | None = None,
+    ):
+        self.field = field
+        self.path = path
+        self.measure = measure
+        self.test_positions = test_positions
+        self.geometry = as_geometry(geometry, normalization)
+        self.mlp = mlp
+        self.activation = activation
+        self.probes = probes
 
     def __check_init__(self):
         if self.mlp is not None and self.path.interpolation != "constant":

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import rel_err, tree_rel_err
 from helpers import random_loss, random_measure, random_params, tree_allclose
 
 import mfattn
-from conftest import rel_err, tree_rel_err
 
 
 def _case(getkey, L=4, H=3, n=5, d=3, k=2):
@@ -109,8 +109,13 @@ def test_forward_only_kernel_in_forward_paths(getkey):
     v = jnp.einsum("hdk,hmk->md", layer.O, o) / params.heads
     assert rel_err(xs[1], x + v / params.depth) < 1e-12
     flow = mfattn.attention_flow(
-        layer, measure, 0.7, jnp.array([0.0, 0.25]), kernel=Unnormalised(),
-        solver=diffrax.Euler(), dt0=0.25,
+        layer,
+        measure,
+        0.7,
+        jnp.array([0.0, 0.25]),
+        kernel=Unnormalised(),
+        solver=diffrax.Euler(),
+        dt0=0.25,
     )
     assert rel_err(flow[1], x + 0.25 * v) < 1e-12
 
@@ -137,11 +142,11 @@ def test_sphere_with_mlp_and_sqrt_scaling_matches_autodiff(getkey):
     `1/sqrt(L)` residual (each tested alone elsewhere) exactly."""
     params, measure, loss = _case(getkey)
     mlp = mfattn.MLPParams.init(getkey(), 4, 3, 5, dtype=jnp.float64)
-    kw = dict(
-        mlp=mlp, geometry=mfattn.Sphere(), residual_scaling=mfattn.InverseSqrtDepth()
-    )
+    kw = dict(mlp=mlp, geometry=mfattn.Sphere(), residual_scaling=mfattn.InverseSqrtDepth())
     sol = mfattn.solve_discrete(params, measure, loss, 1.0, **kw)
-    f = lambda p, ph, x: mfattn.discrete_loss(p, measure.with_points(x), loss, 1.0, **{**kw, "mlp": ph})
+    f = lambda p, ph, x: mfattn.discrete_loss(
+        p, measure.with_points(x), loss, 1.0, **{**kw, "mlp": ph}
+    )
     gp, gm, gx = jax.grad(f, argnums=(0, 1, 2))(params, mlp, measure.points)
     h, H = 4**-0.5, params.heads
     assert tree_rel_err(jax.tree.map(lambda g: g * h / H, sol.grads), gp) < 1e-10
@@ -186,7 +191,12 @@ def test_fixed_step_solver_needs_dt0(getkey):
         )
     with pytest.raises(ValueError, match="not both"):
         mfattn.solve_limit(
-            params, measure, loss, 1.0, rtol=1e-3, stepsize_controller=diffrax.PIDController(1e-3, 1e-3)
+            params,
+            measure,
+            loss,
+            1.0,
+            rtol=1e-3,
+            stepsize_controller=diffrax.PIDController(1e-3, 1e-3),
         )
 
 
@@ -223,9 +233,7 @@ def test_saveat_throw_progress_meter(getkey):
     assert not bool(diffrax.is_okay(failed.result))
     with pytest.raises(Exception, match="maximum number of solver steps"):
         mfattn.solve_limit(params, measure, loss, 1.0, max_steps=2)
-    quiet = mfattn.solve_limit(
-        params, measure, loss, 1.0, progress_meter=diffrax.NoProgressMeter()
-    )
+    quiet = mfattn.solve_limit(params, measure, loss, 1.0, progress_meter=diffrax.NoProgressMeter())
     assert rel_err(quiet.xs, mfattn.solve_limit(params, measure, loss, 1.0).xs) < 1e-14
 
 
@@ -313,3 +321,21 @@ def test_train_with_a_custom_loss_with_a_scalar_field(getkey):
 
     with pytest.raises(ValueError, match=r"Scaled\.scale"):
         mfattn.train(model, bad_sampler, opt, 2, getkey(), batch_size=3, progress=False)
+
+
+@pytest.mark.parametrize(
+    "solver, tol",
+    [(diffrax.Dopri5(), 1e-7), (diffrax.Heun(), 1e-5), (diffrax.Ralston(), 1e-5)],
+    ids=["dopri5", "heun", "ralston"],
+)
+def test_limit_with_other_adaptive_solvers(getkey, solver, tol):
+    """Any adaptive Diffrax solver integrates the limit and its closed-form
+    adjoint: at tight tolerances they agree with Tsit5 (the default)."""
+    grid = random_params(getkey(), 3, 4, 3, 2)
+    measure = random_measure(getkey(), 5, 3)
+    loss = random_loss(getkey(), "mmd", measure)
+    ref = mfattn.solve_limit(grid, measure, loss, 1.0, rtol=1e-10, atol=1e-12)
+    sol = mfattn.solve_limit(grid, measure, loss, 1.0, solver=solver, rtol=1e-8, atol=1e-10)
+    assert rel_err(sol.xs, ref.xs) < tol
+    assert rel_err(sol.ps, ref.ps) < tol
+    assert tree_rel_err(sol.grads, ref.grads) < tol
