@@ -1,5 +1,6 @@
 """Antithetic mean-field initialisation and the flow error of docs/theory.md, section 7."""
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,7 +31,13 @@ def test_flow_error_matches_direct_computation(getkey):
     err = mfattn.flow_error(params, grid, measure, loss, 1.0, z, z)
     d = mfattn.solve_discrete(params, measure, loss, 1.0, test_points=z, test_labels=z)
     lim = mfattn.solve_limit(
-        grid, measure, loss, 1.0, test_points=z, test_labels=z, ts=jnp.arange(5) / 4
+        grid,
+        measure,
+        loss,
+        1.0,
+        test_points=z,
+        test_labels=z,
+        saveat=diffrax.SaveAt(ts=jnp.arange(5) / 4),
     )
     direct = jnp.max(
         jnp.linalg.norm(d.test_xs - lim.test_xs, axis=-1)
@@ -64,7 +71,7 @@ def test_antithetic_variants_keep_the_law_and_the_pairs(getkey, method):
 
 
 def test_sobol_entries_are_uniform_on_the_xavier_interval(getkey):
-    grid = mfattn.antithetic_mean_field(getkey(), 1, 2048, 4, 4, method="sobol")
+    grid = mfattn.antithetic_mean_field(getkey(), 1, 2048, 4, 4, sampling="sobol")
     u = jnp.concatenate([grid.Q.ravel(), grid.K.ravel(), grid.V.ravel()])
     a = (6 / 8) ** 0.5
     # stratified: the empirical CDF is within 1e-2 of the uniform one

@@ -1,6 +1,7 @@
 """The equiangular reduction: construction of equiangular tokens, the scalar ODE
 for their inner product, and the particle dynamics on the sphere against it."""
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,11 +130,11 @@ def test_solve_limit_sphere_equiangular(getkey, n, beta, rho0):
         mfattn.EmpiricalMeasure(x0),
         loss,
         beta,
-        ts=ts,
+        saveat=diffrax.SaveAt(ts=ts),
         rtol=1e-12,
         atol=1e-12,
         max_steps=100_000,
-        normalization="sphere",
+        geometry=mfattn.Sphere(),
     )
     off = _offdiag(sol.xs)
     assert np.max(off.max(-1) - off.min(-1)) < 1e-9

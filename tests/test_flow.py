@@ -22,12 +22,18 @@ def _one_token_case(seed, d=3, k=2, H=2):
     return layer, A, x0
 
 
-@pytest.mark.parametrize("normalization", [pytest.param(None, marks=pytest.mark.slow), "sphere"])
-def test_one_token_linear_flow(normalization):
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        pytest.param(mfattn.Euclidean(), marks=pytest.mark.slow, id="euclidean"),
+        pytest.param(mfattn.Sphere(), id="sphere"),
+    ],
+)
+def test_one_token_linear_flow(geometry):
     """x' = A x: x(t) = e^{tA} x0. On the sphere, x' = P_x A x, whose solution is
     the normalised linear flow e^{tA} x0 / |e^{tA} x0| (from a unit x0)."""
     layer, A, x0 = _one_token_case(0)
-    if normalization == "sphere":
+    if isinstance(geometry, mfattn.Sphere):
         x0 = x0 / np.linalg.norm(x0)
     ts = np.linspace(0.0, 3.0, 7)
     xs = mfattn.attention_flow(
@@ -35,12 +41,12 @@ def test_one_token_linear_flow(normalization):
         mfattn.EmpiricalMeasure(jnp.asarray(x0[None])),
         2.0,
         jnp.asarray(ts),
-        normalization=normalization,
+        geometry=geometry,
         rtol=1e-11,
         atol=1e-13,
     )
     exact = np.stack([expm(t * A) @ x0 for t in ts])
-    if normalization == "sphere":
+    if isinstance(geometry, mfattn.Sphere):
         exact /= np.linalg.norm(exact, axis=-1, keepdims=True)
     assert rel_err(xs[:, 0], exact) < 1e-9
 
@@ -91,7 +97,7 @@ def test_sphere_equiangular_to_1e7(getkey, n, beta, rho0):
             mfattn.EmpiricalMeasure(x0),
             beta,
             jnp.asarray(ts),
-            normalization="sphere",
+            geometry=mfattn.Sphere(),
             rtol=1e-12,
             atol=1e-12,
         )
@@ -108,8 +114,8 @@ def test_sphere_equiangular_to_1e7(getkey, n, beta, rho0):
 def test_bad_input(getkey):
     layer = mfattn.identity_layer(2)
     measure = mfattn.EmpiricalMeasure(jnp.ones((3, 2)))
-    with pytest.raises(ValueError, match="normalization"):
-        mfattn.attention_flow(layer, measure, 1.0, jnp.array([0.0, 1.0]), normalization="ball")
+    with pytest.raises(ValueError, match="geometry"):
+        mfattn.attention_flow(layer, measure, 1.0, jnp.array([0.0, 1.0]), geometry="ball")
     with pytest.raises(ValueError, match="increasing"):
         mfattn.attention_flow(layer, measure, 1.0, jnp.array([0.0, 1.0, 0.5]))
     with pytest.raises(ValueError, match="d=3"):
@@ -129,13 +135,19 @@ def test_discrete_sphere_converges_at_order_one(getkey):
     measure = mfattn.EmpiricalMeasure(x0)
     loss = mfattn.DenoisingLoss(jnp.zeros_like(x0))
     ref = mfattn.attention_flow(
-        layer, measure, beta, jnp.array([0.0, 1.0]), normalization="sphere", rtol=1e-12, atol=1e-12
+        layer,
+        measure,
+        beta,
+        jnp.array([0.0, 1.0]),
+        geometry=mfattn.Sphere(),
+        rtol=1e-12,
+        atol=1e-12,
     )[-1]
     Ls = np.array([16, 32, 64])  # the asymptotic range (at L = 4 the 1/L^2 term shows)
     errs = []
     for L in Ls:
         params = jax.tree.map(lambda a: jnp.stack([a] * int(L)), layer)
-        sol = mfattn.solve_discrete(params, measure, loss, beta, normalization="sphere")
+        sol = mfattn.solve_discrete(params, measure, loss, beta, geometry=mfattn.Sphere())
         assert np.max(np.abs(np.linalg.norm(np.asarray(sol.xs), axis=-1) - 1)) < 1e-12
         errs.append(float(jnp.max(jnp.abs(sol.xs[-1] - ref))))
     slope = linregress(np.log(Ls), np.log(errs)).slope

@@ -4,6 +4,7 @@ vector field (float64)."""
 
 import warnings
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +150,14 @@ def test_causal_euler_order_one(getkey):
     kernel = mfattn.DenseKernel(causal=True)
     Ls = [4, 8, 16, 32]
     ref = mfattn.solve_limit(
-        grid, measure, loss, 1.0, ts=jnp.arange(33) / 32, rtol=1e-11, atol=1e-12, kernel=kernel
+        grid,
+        measure,
+        loss,
+        1.0,
+        saveat=diffrax.SaveAt(ts=jnp.arange(33) / 32),
+        rtol=1e-11,
+        atol=1e-12,
+        kernel=kernel,
     )
     errs = []
     for L in Ls:
@@ -205,7 +213,9 @@ def test_renamed_arguments_still_work(getkey):
         old = mfattn.solve_limit(params_grid=grid, measure=measure, loss=loss, beta=1.0)
     assert tree_allclose(new.xs, old.xs)
     v1, g1 = mfattn.limit_gradient(grid, measure, loss, 1.0)
-    v2, g2 = mfattn.limit_gradient(grid, measure, loss, 1.0, method="closed_form")
+    with warnings.catch_warnings():  # `method=` is the old name of `adjoint=`: it still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        v2, g2 = mfattn.limit_gradient(grid, measure, loss, 1.0, method="closed_form")
     v3, g3 = mfattn.limit_gradient(grid, measure, loss, 1.0, adjoint=mfattn.ClosedFormAdjoint())
     assert tree_allclose(g1, g2) and tree_allclose(g1, g3)
     with pytest.raises(TypeError, match="adjoint"):
@@ -226,8 +236,6 @@ def test_renamed_arguments_still_work(getkey):
 
 
 def mfattn_pid():
-    import diffrax
-
     return diffrax.PIDController(rtol=1e-6, atol=1e-8)
 
 

@@ -30,7 +30,12 @@ def test_one_token_matrix_exponential(getkey):
     params = _grid(getkey(), 2, 4, d, 2)
     ts = jnp.array([0.0, 0.3, 1.0])
     sol = mfattn.solve_limit(
-        params, mfattn.EmpiricalMeasure(x0), mfattn.DenoisingLoss(y), 1.0, ts=ts, **TIGHT
+        params,
+        mfattn.EmpiricalMeasure(x0),
+        mfattn.DenoisingLoss(y),
+        1.0,
+        saveat=diffrax.SaveAt(ts=ts),
+        **TIGHT,
     )
     A = np.mean(np.einsum("mdk,mek->mde", params.O[0], params.V[0]), 0)
     for i, t in enumerate(np.asarray(ts)):
@@ -52,7 +57,8 @@ def _euler_errors(key, Ls, loss_kind="mmd"):
         loss = mfattn.DenoisingLoss(jax.random.normal(k3, (n, d)))
     errs_x, errs_p = [], []
     finest = max(Ls)
-    ref = mfattn.solve_limit(grid, measure, loss, 1.0, ts=jnp.arange(finest + 1) / finest, **TIGHT)
+    save = diffrax.SaveAt(ts=jnp.arange(finest + 1) / finest)
+    ref = mfattn.solve_limit(grid, measure, loss, 1.0, saveat=save, **TIGHT)
     for L in Ls:
         disc = mfattn.solve_discrete(
             jax.tree.map(lambda a: jnp.repeat(a[:1], L, axis=0), grid), measure, loss, 1.0
@@ -104,13 +110,13 @@ def test_closed_form_adjoint_agrees_with_autodiff_through_solver(getkey):
         kw = dict(rtol=jnp.asarray(tol), atol=jnp.asarray(tol))
         v1, g1 = mfattn.limit_gradient(grid, measure, loss, 2.0, **kw)
         v2, g2 = mfattn.limit_gradient(
-            grid, measure, loss, 2.0, method=diffrax.RecursiveCheckpointAdjoint(), **kw
+            grid, measure, loss, 2.0, adjoint=diffrax.RecursiveCheckpointAdjoint(), **kw
         )
         errs.append(tree_rel_err(g1, g2))
     assert errs[-1] < 1e-6, errs
     assert errs[0] > errs[-1]
     _, g3 = mfattn.limit_gradient(
-        grid, measure, loss, 2.0, method=diffrax.BacksolveAdjoint(), rtol=1e-10, atol=1e-10
+        grid, measure, loss, 2.0, adjoint=diffrax.BacksolveAdjoint(), rtol=1e-10, atol=1e-10
     )
     assert tree_rel_err(g3, g2) < 1e-5
 
@@ -130,7 +136,7 @@ def test_pointwise_gradient_map_converges_under_grid_refinement(getkey):
         grid = jax.tree.map(lambda a: 2.0 * (a[0] * (1 - t) + a[1] * t**2), base)
         sol = mfattn.solve_limit(grid, measure, loss, 1.0, **TIGHT)
         _, g = mfattn.limit_gradient(
-            grid, measure, loss, 1.0, method=diffrax.RecursiveCheckpointAdjoint(), **TIGHT
+            grid, measure, loss, 1.0, adjoint=diffrax.RecursiveCheckpointAdjoint(), **TIGHT
         )
         errs.append(tree_rel_err(sol.grads, g))
     assert all(a > b for a, b in zip(errs, errs[1:])), errs

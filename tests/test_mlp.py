@@ -117,8 +117,10 @@ def _reference_loss(params, mlp, points, weights, loss, beta, h, activation):
 @pytest.mark.parametrize(
     "scaling,kind,activation",
     [
-        ("1/sqrt(L)", "denoise", "tanh"),
-        pytest.param("1/L", "mmd", "relu", marks=pytest.mark.slow),
+        pytest.param(mfattn.InverseSqrtDepth(), "denoise", "tanh", id="1/sqrt(L)-denoise-tanh"),
+        pytest.param(
+            mfattn.InverseDepth(), "mmd", "relu", marks=pytest.mark.slow, id="1/L-mmd-relu"
+        ),
     ],
 )
 def test_discrete_with_mlp_matches_autodiff(getkey, scaling, kind, activation):
@@ -130,7 +132,7 @@ def test_discrete_with_mlp_matches_autodiff(getkey, scaling, kind, activation):
     mlp = mfattn.MLPParams.init(getkey(), L, d, m)
     mu = random_measure(getkey(), n, d)
     loss = random_loss(getkey(), kind, mu)
-    h = 1 / L if scaling == "1/L" else L**-0.5
+    h = 1 / L if isinstance(scaling, mfattn.InverseDepth) else L**-0.5
     # two free test particles, and two sitting on tokens 0 and 1 (with their labels)
     z = jnp.concatenate([jax.random.normal(getkey(), (2, d)), mu.points[:2]])
     labels = None
@@ -174,15 +176,18 @@ def test_discrete_with_mlp_matches_autodiff(getkey, scaling, kind, activation):
 
 @pytest.mark.slow
 def test_default_scaling_without_mlp_is_solve_discrete(getkey):
-    """`residual_scaling="1/L"` and `mlp=None` is the attention-only model; the
-    route with zero MLP blocks gives the same solution."""
+    """`residual_scaling=mfattn.InverseDepth()` and `mlp=None` is the
+    attention-only model; the route with zero MLP blocks gives the same
+    solution."""
     L, H, n, d, k = 4, 3, 6, 2, 2
     P = random_params(getkey(), L, H, d, k)
     mu = random_measure(getkey(), n, d)
     loss = random_loss(getkey(), "mmd", mu)
     base = mfattn.solve_discrete(P, mu, loss, 0.7)
     zero = mfattn.MLPParams(jnp.zeros((L, d, 3)), jnp.zeros((L, 3)), jnp.zeros((L, 3, d)))
-    routed = mfattn.solve_discrete(P, mu, loss, 0.7, mlp=zero, residual_scaling="1/L")
+    routed = mfattn.solve_discrete(
+        P, mu, loss, 0.7, mlp=zero, residual_scaling=mfattn.InverseDepth()
+    )
     assert rel_err(routed.xs, base.xs) < 1e-14
     assert rel_err(routed.ps, base.ps) < 1e-13
     assert tree_rel_err(routed.grads, base.grads) < 1e-13

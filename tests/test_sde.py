@@ -170,7 +170,13 @@ def test_linear_case_discrete_and_sde_laws(getkey):
     def discrete(key):
         params, blocks = _signed_draws(key, feats, mlp, L, H)
         sol = mfattn.solve_discrete(
-            params, mu, loss, BETA, mlp=blocks, activation="linear", residual_scaling="1/sqrt(L)"
+            params,
+            mu,
+            loss,
+            BETA,
+            mlp=blocks,
+            activation="linear",
+            residual_scaling=mfattn.InverseSqrtDepth(),
         )
         return sol.xs[-1, 0]
 
@@ -208,7 +214,7 @@ def test_quadratic_covariation_and_martingale(getkey):
         params = mfattn.AttentionParams.xavier_uniform(k1, L, H, d, k)
         blocks = mfattn.MLPParams.init(k2, L, d, m)
         xs = mfattn.solve_discrete(
-            params, mu, loss, BETA, mlp=blocks, residual_scaling="1/sqrt(L)"
+            params, mu, loss, BETA, mlp=blocks, residual_scaling=mfattn.InverseSqrtDepth()
         ).xs
         dx = jnp.diff(xs, axis=0)
         qv = jnp.einsum("lia,ljb->ijab", dx, dx)

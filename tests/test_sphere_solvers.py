@@ -72,7 +72,7 @@ def test_projected_bracket_is_the_vjp_of_the_projected_field(getkey, kernel):
     path = mfattn.ParamPath(jax.tree.map(lambda a: a[None], layer), interpolation="constant")
 
     def vector_field(measure):
-        return mfattn.AttentionVectorField(field, path, measure, normalization="sphere")
+        return mfattn.AttentionVectorField(field, path, measure, geometry=mfattn.Sphere())
 
     w = measure.weights[:, None]
     aug = _augmented(measure, Z, eps)
@@ -80,18 +80,18 @@ def test_projected_bracket_is_the_vjp_of_the_projected_field(getkey, kernel):
     @jax.jit
     def run(X, Z, P, PZ, layer):
         vf, vfe = vector_field(measure), vector_field(aug)
-        _, vjp = jax.vjp(lambda X, layer: vf.velocity(0.0, X, layer=layer)[0], X, layer)
+        _, vjp = jax.vjp(lambda X, layer: vf.velocity(0.0, X, layer=(layer, None))[0], X, layer)
         # test particles: atoms of weight eps
         XZ, PP = jnp.concatenate([X, Z]), jnp.concatenate([P, PZ])
-        _, vjp_e = jax.vjp(lambda Y: vfe.velocity(0.0, Y, layer=layer)[0], XZ)
+        _, vjp_e = jax.vjp(lambda Y: vfe.velocity(0.0, Y, layer=(layer, None))[0], XZ)
         # the closed forms, also from the forward's cache and without test particles
-        vx, vz, cache = vf.velocity(0.0, X, Z, layer=layer, return_cache=True)
+        vx, vz, cache = vf.velocity(0.0, X, Z, layer=(layer, None), return_cache=True)
         return dict(
             vjp=vjp(w * P),
             vjp_eps=vjp_e(aug.weights[:, None] * PP)[0][n:] / eps,
-            adjoint=vf.adjoint(0.0, X, Z, P, PZ, layer=layer),
-            cached=vf.adjoint(0.0, X, Z, P, PZ, layer=layer, cache=cache),
-            no_test=vf.adjoint(0.0, X, None, P, None, layer=layer)[0],
+            adjoint=vf.adjoint(0.0, X, Z, P, PZ, layer=(layer, None)),
+            cached=vf.adjoint(0.0, X, Z, P, PZ, layer=(layer, None), cache=cache),
+            no_test=vf.adjoint(0.0, X, None, P, None, layer=(layer, None))[0],
             velocity=(vx, vz),
         )
 
@@ -119,7 +119,9 @@ def test_discrete_adjoint_and_gradient_map_match_autodiff(getkey, case):
     n, d, k, L, H, beta, kind, kernel = case
     params, measure, loss = _case(getkey(), n, d, k, L, H, kind)
     kernel = KERNELS[kernel]
-    sol = mfattn.solve_discrete(params, measure, loss, beta, kernel=kernel, normalization="sphere")
+    sol = mfattn.solve_discrete(
+        params, measure, loss, beta, kernel=kernel, geometry=mfattn.Sphere()
+    )
     # the tokens stay on the sphere and the adjoints are tangent
     assert np.max(np.abs(np.linalg.norm(np.asarray(sol.xs), axis=-1) - 1)) < 1e-12
     assert max(_tangent_err(x, p) for x, p in zip(sol.xs, sol.ps)) < 1e-12
@@ -130,7 +132,7 @@ def test_discrete_adjoint_and_gradient_map_match_autodiff(getkey, case):
     def autodiff(params, points):
         def f(th, x):
             m = measure.with_points(x)
-            return mfattn.discrete_loss(th, m, loss, beta, kernel=kernel, normalization="sphere")
+            return mfattn.discrete_loss(th, m, loss, beta, kernel=kernel, geometry=mfattn.Sphere())
 
         return f(params, points), jax.grad(f, argnums=(0, 1))(params, points)
 
@@ -143,7 +145,7 @@ def test_discrete_adjoint_and_gradient_map_match_autodiff(getkey, case):
     radii = jax.random.uniform(getkey(), (n, 1), minval=0.5, maxval=2.0)
     sol2 = mfattn.solve_discrete(
         params, measure.with_points(radii * measure.points), loss, beta, kernel=kernel,
-        normalization="sphere",
+        geometry=mfattn.Sphere(),
     )  # fmt: skip
     _, (_, g2) = autodiff(params, radii * measure.points)
     assert rel_err(sol2.xs, sol.xs) < 1e-14
@@ -159,7 +161,7 @@ def test_discrete_intermediate_adjoints_and_test_particles(getkey):
     z = _unit(jax.random.normal(getkey(), (m, d)))
     labels = jax.random.normal(getkey(), (m, d))
     sol = mfattn.solve_discrete(
-        params, measure, loss, beta, z, test_labels=labels, normalization="sphere"
+        params, measure, loss, beta, z, test_labels=labels, geometry=mfattn.Sphere()
     )
     field = mfattn.AttentionField(beta)
     w = measure.weights[:, None]
@@ -184,7 +186,7 @@ def test_discrete_intermediate_adjoints_and_test_particles(getkey):
 
     aug_loss = mfattn.DenoisingLoss(jnp.concatenate([loss.targets, labels]))
     sol0 = mfattn.solve_discrete(
-        params, _augmented(measure, z, 0.0), aug_loss, beta, normalization="sphere"
+        params, _augmented(measure, z, 0.0), aug_loss, beta, geometry=mfattn.Sphere()
     )
     assert rel_err(sol.test_xs, sol0.xs[:, n:]) < 1e-12
     assert rel_err(sol.xs, sol0.xs[:, :n]) < 1e-12
@@ -192,7 +194,8 @@ def test_discrete_intermediate_adjoints_and_test_particles(getkey):
 
     def eps_adjoint(eps):
         aug = _augmented(measure, z, eps)
-        return mfattn.solve_discrete(params, aug, aug_loss, beta, normalization="sphere").ps[:, n:]
+        sol = mfattn.solve_discrete(params, aug, aug_loss, beta, geometry=mfattn.Sphere())
+        return sol.ps[:, n:]
 
     # the eps-atom's adjoint is p + O(eps) with a large constant in this case:
     # Richardson extrapolation leaves O(eps^2)
@@ -212,7 +215,7 @@ TIGHT = dict(rtol=1e-11, atol=1e-11, max_steps=20_000)
 @pytest.mark.parametrize("kernel", ["dense", "causal"])
 def test_limit_gradient_matches_diffrax_autodiff(getkey, kernel):
     params, measure, loss, beta, kernel = _limit_case(getkey(), kernel)
-    kw = dict(kernel=kernel, normalization="sphere", **TIGHT)
+    kw = dict(kernel=kernel, geometry=mfattn.Sphere(), **TIGHT)
     value, grads = mfattn.limit_gradient(params, measure, loss, beta, **kw)
     value_ad, grads_ad = mfattn.limit_gradient(
         params, measure, loss, beta, adjoint=diffrax.RecursiveCheckpointAdjoint(), **kw
@@ -230,7 +233,7 @@ def test_solve_limit_adjoint_and_sphere(getkey):
     independent solve of the projected flow (`attention_flow`), the tokens stay
     on the sphere to the solver's tolerance and the saved adjoints are tangent."""
     params, measure, loss, beta, kernel = _limit_case(getkey())
-    model = mfattn.MeanFieldTransformer(params, beta, normalization="sphere", **TIGHT)
+    model = mfattn.MeanFieldTransformer(params, beta, geometry=mfattn.Sphere(), **TIGHT)
     sol = model.solve(measure, loss)
     path = mfattn.ParamPath(params)
     ts = jnp.array([0.0, 1.0])
@@ -243,7 +246,7 @@ def test_solve_limit_adjoint_and_sphere(getkey):
             m,
             beta,
             ts,
-            normalization="sphere",
+            geometry=mfattn.Sphere(),
             stepsize_controller=diffrax.ConstantStepSize(),
             dt0=1e-3,
             max_steps=2000,
@@ -267,7 +270,7 @@ def test_solve_limit_adjoint_and_sphere(getkey):
 
 @pytest.mark.slow
 def test_discrete_converges_to_the_limit_at_order_one(getkey):
-    """`flow_error(normalization="sphere")` (state and adjoint of test
+    """`flow_error(geometry=mfattn.Sphere())` (state and adjoint of test
     particles) between the post-normalised transformer, with one layer per
     node of a linear path, and the projected flow decays like `1/L`."""
     d, H, n, m, beta = 3, 2, 6, 3, 1.0
@@ -281,7 +284,7 @@ def test_discrete_converges_to_the_limit_at_order_one(getkey):
     for L in Ls:
         layers = jax.vmap(path)(jnp.arange(L) / L)  # the layer l is the path at l / L
         e = mfattn.flow_error(
-            layers, grid, measure, loss, beta, z, normalization="sphere", rtol=1e-10, atol=1e-10
+            layers, grid, measure, loss, beta, z, geometry=mfattn.Sphere(), rtol=1e-10, atol=1e-10
         )
         errs.append(float(jnp.max(e)))
     slope = linregress(np.log(Ls), np.log(errs)).slope
@@ -301,7 +304,7 @@ def test_training_lowers_the_loss(getkey):
         return jax.vmap(mfattn.EmpiricalMeasure)(noisy), jax.vmap(mfattn.DenoisingLoss)(clean)
 
     params = mfattn.AttentionParams.xavier_uniform(getkey(), L, H, d, d)
-    model = mfattn.DiscreteTransformer(params, 4.0, normalization="sphere")
+    model = mfattn.DiscreteTransformer(params, 4.0, geometry=mfattn.Sphere())
     held_out = getkey()
     before = float(mfattn.evaluate(model, sampler, held_out, 256))
     result = mfattn.train(
@@ -313,19 +316,16 @@ def test_training_lowers_the_loss(getkey):
 
 def test_bad_input(getkey):
     params, measure, loss, beta, _ = _limit_case(getkey())
-    with pytest.raises(ValueError, match="normalization"):
-        mfattn.DiscreteTransformer(params, beta, normalization="ball")
-    with pytest.raises(ValueError, match="normalization"):
-        mfattn.MeanFieldTransformer(params, beta, normalization="ball")
-    with pytest.raises(ValueError, match="normalization"):
-        mfattn.solve_discrete(params, measure, loss, beta, normalization="ball")
-    with pytest.raises(ValueError, match="normalization"):
-        mfattn.limit_gradient(params, measure, loss, beta, normalization="Sphere")
-    limit = mfattn.MeanFieldTransformer(params, beta, normalization="sphere")
-    with pytest.raises(ValueError, match="normalization"):
+    with pytest.raises(ValueError, match="geometry"):
+        mfattn.DiscreteTransformer(params, beta, geometry="ball")
+    with pytest.raises(ValueError, match="geometry"):
+        mfattn.MeanFieldTransformer(params, beta, geometry="ball")
+    with pytest.raises(ValueError, match="geometry"):
+        mfattn.solve_discrete(params, measure, loss, beta, geometry="ball")
+    with pytest.raises(ValueError, match="geometry"):
+        mfattn.limit_gradient(params, measure, loss, beta, geometry="Sphere")
+    limit = mfattn.MeanFieldTransformer(params, beta, geometry=mfattn.Sphere())
+    with pytest.raises(ValueError, match="sphere"):
         mfattn.probe_outputs(limit, measure, measure.points)
-    with pytest.raises(ValueError, match="normalization"):
+    with pytest.raises(ValueError, match="sphere"):
         mfattn.train_coupled(limit, [], None, optax.sgd(0.1), 1, getkey())
-    mlp = mfattn.MLPParams.init(getkey(), params.depth, params.dim, 4)
-    with pytest.raises(ValueError, match="mlp"):
-        mfattn.solve_discrete(params, measure, loss, beta, mlp=mlp, normalization="sphere")

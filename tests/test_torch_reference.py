@@ -44,7 +44,7 @@ def test_torch_step_and_limit_match_mfattn():
         mfattn.EmpiricalMeasure(x[0]),
         mfattn.DenoisingLoss(y[0]),
         1.3,
-        method=diffrax.RecursiveCheckpointAdjoint(),
+        adjoint=diffrax.RecursiveCheckpointAdjoint(),
         rtol=1e-9,
         atol=1e-9,
     )
