@@ -325,7 +325,7 @@ def test_train_with_a_custom_loss_with_a_scalar_field(getkey):
 
 @pytest.mark.parametrize(
     "solver, tol",
-    [(diffrax.Dopri5(), 1e-7), (diffrax.Heun(), 1e-5), (diffrax.Ralston(), 1e-5)],
+    [(diffrax.Dopri5(), 1e-7), (diffrax.Heun(), 1e-4), (diffrax.Ralston(), 1e-4)],
     ids=["dopri5", "heun", "ralston"],
 )
 def test_limit_with_other_adaptive_solvers(getkey, solver, tol):
@@ -335,7 +335,8 @@ def test_limit_with_other_adaptive_solvers(getkey, solver, tol):
     measure = random_measure(getkey(), 5, 3)
     loss = random_loss(getkey(), "mmd", measure)
     ref = mfattn.solve_limit(grid, measure, loss, 1.0, rtol=1e-10, atol=1e-12)
-    sol = mfattn.solve_limit(grid, measure, loss, 1.0, solver=solver, rtol=1e-8, atol=1e-10)
+    tol_kw = dict(rtol=1e-8, atol=1e-10) if tol < 1e-5 else dict(rtol=1e-6, atol=1e-8)
+    sol = mfattn.solve_limit(grid, measure, loss, 1.0, solver=solver, max_steps=65536, **tol_kw)
     assert rel_err(sol.xs, ref.xs) < tol
     assert rel_err(sol.ps, ref.ps) < tol
     assert tree_rel_err(sol.grads, ref.grads) < tol

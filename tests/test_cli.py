@@ -116,12 +116,12 @@ def test_train_records_every_argument_and_the_resume(tmp_path, monkeypatch):
     # the work replaced by stand-ins: what `train` writes is under test
     class Result:
         model = None
+        history = {"start_step": 40}  # train resumed this run at its step 40
 
     losses = iter([2.0, 1.0])
     monkeypatch.setattr(mfattn, "evaluate", lambda *a, **k: next(losses))
     monkeypatch.setattr(mfattn, "train", lambda *a, **k: Result())
     monkeypatch.setattr(mfattn, "save_results", lambda *a, **k: None)
-    monkeypatch.setattr(mfattn, "load_latest", lambda directory, like: (40, like, {}))
     out = tmp_path / "run"
     argv = ["train", "--steps", "50", "--lr", "0.5", "--seed", "3", "--out", str(out)]
     assert cli.main(argv + ["--no-progress"]) == 0
@@ -133,7 +133,7 @@ def test_train_records_every_argument_and_the_resume(tmp_path, monkeypatch):
     assert config["out"] == str(out) and config["no_progress"] is True
     assert set(config) == {
         "steps", "depth", "heads", "head_dim", "beta", "lr", "weight_decay",
-        "batch_size", "optimizer", "seed", "out", "no_progress",
+        "batch_size", "optimizer", "seed", "out", "no_progress", "no_resume",
     }  # fmt: skip
     assert [p.name for p in out.iterdir()] == ["summary.json"]  # no probe or temp file left
 
