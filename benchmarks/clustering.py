@@ -5,7 +5,7 @@ fastest-growing Fourier mode of the linearised equation.
 
 Every run is the self-attention dynamics on the unit sphere with one head,
 `Q = K = V = O = I`, uniform weights (`mfattn.attention_flow(...,
-normalization="sphere")`, Tsit5 with a PID controller), tokens drawn uniformly
+geometry=mfattn.Sphere())`, Tsit5 with a PID controller), tokens drawn uniformly
 on the sphere from an explicit key per repetition.
 
     python -m benchmarks.clustering [--quick] [--part equiangular|time|plateaus|circle] [--table]
@@ -99,7 +99,7 @@ def flow(x0, beta, ts, tol):
         mfattn.EmpiricalMeasure(x0),
         jnp.asarray(beta, jnp.float64),
         ts,
-        normalization="sphere",
+        geometry=mfattn.Sphere(),
         rtol=tol,
         atol=tol,
         max_steps=1_000_000,

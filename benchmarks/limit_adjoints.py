@@ -24,8 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import mfattn  # noqa: E402
 
-METHODS = {
-    "closed_form": "closed_form",
+ADJOINTS = {
+    "closed_form": mfattn.ClosedFormAdjoint(),
     "recursive_checkpoint": diffrax.RecursiveCheckpointAdjoint(),
     "backsolve": diffrax.BacksolveAdjoint(),
 }
@@ -59,10 +59,10 @@ def main(argv=None):
         grid, measure, loss = problem(n, d, k, M, J)
         beta = 1.0
         _, ref = mfattn.limit_gradient(grid, measure, loss, beta, rtol=1e-11, atol=1e-12)
-        for (name, method), tol in [(nm, t) for t in (1e-6, 1e-8) for nm in METHODS.items()]:
+        for (name, adjoint), tol in [(nm, t) for t in (1e-6, 1e-8) for nm in ADJOINTS.items()]:
 
-            def grad_fn(g, m=method, ms=measure, lo=loss, tol=tol):
-                return mfattn.limit_gradient(g, ms, lo, 1.0, method=m, rtol=tol, atol=tol)
+            def grad_fn(g, a=adjoint, ms=measure, lo=loss, tol=tol):
+                return mfattn.limit_gradient(g, ms, lo, 1.0, adjoint=a, rtol=tol, atol=tol)
 
             f = jax.jit(grad_fn)
             try:  # XLA's own accounting of the compiled program's scratch memory

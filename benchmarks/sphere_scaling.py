@@ -7,8 +7,9 @@ layers and heads; `d = k = 4`), so `E[O V^T] = (k a^2 / 3) I = I`: the limit
 moves at initialisation and, without normalisation, the tokens grow like
 `e^t` along their mean. The horizon `T` is reached on the depth interval
 `[0, 1]` by scaling every `O` by `T` (the field is linear in `O`), so that
-`L` layers are `L` steps of size `T / L`. For each normalisation (`None`, the
-model of docs/theory.md section 3; `"sphere"`, section 10):
+`L` layers are `L` steps of size `T / L`. For each geometry
+(`mfattn.Euclidean()`, the model of docs/theory.md section 3;
+`mfattn.Sphere()`, section 10):
 
 - the limit: `mfattn.solve_limit` with `M` parameter particles drawn from
   `nu_0`, constant in depth (a second, independent draw of `M` particles
@@ -30,7 +31,7 @@ and adjoints; on the sphere both adjoints are tangent), its relative version
 states' error alone (absolute and relative to `max |z(l/L)|`), and
 `mfattn.bias_fluctuation`'s split. A comparison is flagged as not resolved
 when the reference's own error exceeds a fifth of the median discrete error. The paired ratio
-`e_r(None) / e_r("sphere")` (same parameters, same tokens) is summarised by
+`e_r(Euclidean) / e_r(Sphere)` (same parameters, same tokens) is summarised by
 its geometric mean over the `R` initialisations with a 95 % t-interval on
 `log` ratio.
 
@@ -51,6 +52,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -81,7 +83,8 @@ QUICK = dict(
     horizons=[0.5, 2.0],
     grid=[[4, 4]],
 )
-NORMALIZATIONS = [None, "sphere"]
+# the key of each geometry's results in the rows
+GEOMETRIES = {"none": mfattn.Euclidean(), "sphere": mfattn.Sphere()}
 
 
 def _unit(x):
@@ -119,7 +122,7 @@ def problem(cfg):
 
 
 @eqx.filter_jit
-def limit_states(grid, measure, loss, z, zl, beta, L, normalization, rtol, atol, max_steps):
+def limit_states(grid, measure, loss, z, zl, beta, L, geometry, rtol, atol, max_steps):
     sol = mfattn.solve_limit(
         grid,
         measure,
@@ -127,9 +130,9 @@ def limit_states(grid, measure, loss, z, zl, beta, L, normalization, rtol, atol,
         beta,
         z,
         test_labels=zl,
-        ts=jnp.arange(L + 1) / L,
+        saveat=diffrax.SaveAt(ts=jnp.arange(L + 1) / L),
         interpolation="constant",
-        normalization=normalization,
+        geometry=geometry,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
@@ -138,12 +141,12 @@ def limit_states(grid, measure, loss, z, zl, beta, L, normalization, rtol, atol,
 
 
 @eqx.filter_jit
-def discrete_states(params, measure, loss, z, zl, beta, normalization):
+def discrete_states(params, measure, loss, z, zl, beta, geometry):
     """`(R, L+1, m, d)` states and adjoints of the test particles, one model per init."""
 
     def one(p):
         sol = mfattn.solve_discrete(
-            p, measure, loss, beta, z, test_labels=zl, normalization=normalization
+            p, measure, loss, beta, z, test_labels=zl, geometry=geometry
         )
         return sol.test_xs, sol.test_ps
 
@@ -166,7 +169,7 @@ def _log_ratio_summary(ratios):
 
 
 def run_row(cfg, beta, T, L, H, measure, loss, z, zl):
-    """Both normalisations at one `(beta, T, L, H)`."""
+    """Both geometries at one `(beta, T, L, H)`."""
     d, k, R, M = cfg["dim"], cfg["head_dim"], cfg["inits"], cfg["particles"]
     root = jax.random.key(cfg["seed"])
     ka, kb = jax.random.split(jax.random.fold_in(root, 1))
@@ -179,11 +182,10 @@ def run_row(cfg, beta, T, L, H, measure, loss, z, zl):
     beta_arr = jnp.asarray(beta)
     out = dict(beta=beta, T=T, L=L, H=H)
     start = time.perf_counter()
-    for norm in NORMALIZATIONS:
-        name = "none" if norm is None else norm
+    for name, geometry in GEOMETRIES.items():
         tol = (cfg["rtol"], cfg["atol"], cfg["max_steps"])
-        ref = limit_states(grids[0], measure, loss, z, zl, beta_arr, L, norm, *tol)
-        ref2 = limit_states(grids[1], measure, loss, z, zl, beta_arr, L, norm, *tol)
+        ref = limit_states(grids[0], measure, loss, z, zl, beta_arr, L, geometry, *tol)
+        ref2 = limit_states(grids[1], measure, loss, z, zl, beta_arr, L, geometry, *tol)
         ref = tuple(np.asarray(a) for a in ref)
         ref_err = float(
             np.max(
@@ -192,7 +194,7 @@ def run_row(cfg, beta, T, L, H, measure, loss, z, zl):
             )
         )
         ref_state_err = float(np.max(np.linalg.norm(ref[0] - np.asarray(ref2[0]), axis=-1)))
-        xs, ps = discrete_states(params, measure, loss, z, zl, beta_arr, norm)
+        xs, ps = discrete_states(params, measure, loss, z, zl, beta_arr, geometry)
         total, bias, fluct, noise = _errors((xs, ps), ref)
         state = _errors((xs,), ref[:1])[0]
         scale = float(np.max(np.linalg.norm(ref[0], axis=-1) + np.linalg.norm(ref[1], axis=-1)))
