@@ -10,7 +10,7 @@ import scipy.stats
 from conftest import rel_err, tree_rel_err
 
 import mfattn
-from mfattn._probe import _check, _limit
+from mfattn._probe import _check
 
 EPS = float(jnp.finfo(jnp.float64).eps)
 _POOL = 1024
@@ -302,7 +302,11 @@ def test_limit_probe_adjoint_against_autodiff_through_diffrax(getkey):
     c = _normal(getkey(), (2, d))
     ts = jnp.linspace(0.0, 1.0, 2001)
     measure, probes = _check(model, mu, z)
-    g_t = _limit(model, measure, probes, c, ts=ts).grads  # leaves (T, M, d, k)
+    # the gradient map at every t of `ts`, from the probes' forward and adjoint solves
+    prob = model.problem(measure, test_points=probes, probes=True)
+    fwd = prob.forward(diffrax.SaveAt(t1=True, dense=True))
+    bwd = prob.backward(fwd, jnp.zeros_like(fwd.ys[0][-1]), c)
+    g_t = prob.node_grads(fwd, bwd, ts=ts)  # leaves (T, M, d, k)
     path = mfattn.ParamPath(grid)
     basis = jax.vmap(path.basis)(ts)  # (T, J1)
     integrand = jax.tree.map(lambda a: jnp.einsum("tj,tm...->tjm...", basis, a) / M, g_t)
