@@ -2,6 +2,7 @@
 `AbstractAdjoint` (docs/theory.md, section 6)."""
 
 import abc
+import warnings
 
 import diffrax
 import equinox as eqx
@@ -78,6 +79,11 @@ def as_limit_adjoint(adjoint=None, method=None) -> AbstractLimitAdjoint:
     if method is not None:
         if adjoint is not None:
             raise TypeError("pass `adjoint` only (`method` is its old name)")
+        warnings.warn(
+            "`method=` is deprecated; use `adjoint=` (e.g. `adjoint=mfattn.ClosedFormAdjoint()`)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
         if isinstance(method, str):
             if method != "closed_form":
                 raise ValueError(

@@ -213,8 +213,7 @@ def test_renamed_arguments_still_work(getkey):
         old = mfattn.solve_limit(params_grid=grid, measure=measure, loss=loss, beta=1.0)
     assert tree_allclose(new.xs, old.xs)
     v1, g1 = mfattn.limit_gradient(grid, measure, loss, 1.0)
-    with warnings.catch_warnings():  # `method=` is the old name of `adjoint=`: it still works
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with pytest.warns(DeprecationWarning, match="adjoint"):  # the old name of `adjoint=`
         v2, g2 = mfattn.limit_gradient(grid, measure, loss, 1.0, method="closed_form")
     v3, g3 = mfattn.limit_gradient(grid, measure, loss, 1.0, adjoint=mfattn.ClosedFormAdjoint())
     assert tree_allclose(g1, g2) and tree_allclose(g1, g3)
