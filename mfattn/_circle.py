@@ -108,6 +108,6 @@ def circle_fourier_modes(
     theta = jnp.arctan2(x[:, 1], x[:, 0])
     k = jnp.asarray(modes, x.dtype)
     phase = k[:, None] * theta[None, :]
-    re = jnp.sum(w * jnp.cos(phase), axis=1)
-    im = jnp.sum(w * jnp.sin(phase), axis=1)
+    re = jnp.sum(w[None, :] * jnp.cos(phase), axis=1)
+    im = jnp.sum(w[None, :] * jnp.sin(phase), axis=1)
     return jnp.hypot(re, im)

@@ -148,6 +148,13 @@ def _check_block(params, x, name="x"):
     return x
 
 
+def _preactivation(params, x):
+    """`W_1^T x + b_1` at every point (the bias broadcast explicitly over the
+    points' axes)."""
+    pre = x @ params.W1
+    return pre + jnp.broadcast_to(params.b1, pre.shape)
+
+
 def _activate(activation, pre):
     """`sigma(pre)` and `sigma'(pre)` (elementwise, by one forward-mode pass)."""
     act = resolve_activation(activation)
@@ -165,7 +172,7 @@ def mlp_forward(
     **Returns:** `F(x)`, shaped like `x`.
     """
     x = _check_block(params, x)
-    h = resolve_activation(activation)(x @ params.W1 + params.b1)
+    h = resolve_activation(activation)(_preactivation(params, x))
     return h @ params.W2
 
 
@@ -196,7 +203,7 @@ def mlp_backward(
     if x.ndim != 2 or p.shape != x.shape:
         raise ValueError(f"`x` and `p` must both be (n, d), got {x.shape} and {p.shape}")
     u = jnp.ones(x.shape[:1], x.dtype) if weights is None else weights
-    s, ds = _activate(activation, x @ params.W1 + params.b1)
+    s, ds = _activate(activation, _preactivation(params, x))
     r = ds * (p @ params.W2.T)
     grads = MLPParams(
         W1=jnp.einsum("n,nd,nm->dm", u, x, r),

@@ -31,10 +31,17 @@ from jax import lax
 from .._custom_types import HeadArray
 
 
+def lift(x, ndim: int):
+    """`x` with unit axes prepended up to rank `ndim`: the explicit broadcast of
+    per-key weights `(n,)`, per-query weights `(m, 1)` or a mask or bias
+    `(m, n)` against scores `(..., m, n)` with any number of head axes."""
+    return jnp.expand_dims(x, tuple(range(ndim - jnp.ndim(x))))
+
+
 def scores(q: HeadArray, k: HeadArray, beta, bias=None) -> HeadArray:
     """`beta <q_i, k_j> (+ b_ij)`, shape `(..., m, n)`."""
     s = beta * jnp.einsum("...mk,...nk->...mn", q, k)
-    return s if bias is None else s + bias
+    return s if bias is None else s + lift(bias, s.ndim)
 
 
 def visible(qpos, kpos, causal: bool = True, strict: bool = False):
@@ -93,7 +100,7 @@ def forward_update(state, q, k, v, w, beta, mask, bias=None):
     new = lax.stop_gradient(jnp.maximum(mx, jnp.max(s, axis=-1)))
     safe = jnp.where(jnp.isfinite(new), new, 0.0)
     scale = jnp.where(jnp.isfinite(mx), jnp.exp(mx - safe), 0.0)
-    e = jnp.where(on, w * jnp.exp(s - safe[..., None]), 0.0)
+    e = jnp.where(on, lift(w, s.ndim) * jnp.exp(s - safe[..., None]), 0.0)
     total = total * scale + jnp.sum(e, -1)
     acc = acc * scale[..., None] + jnp.einsum("...mn,...nk->...mk", e, v)
     return new, total, acc
@@ -129,9 +136,9 @@ def score_pullback(q, k, c, A, dS, w, u, beta):
     `dq_i = beta sum_j w_j dS_ij k_j`, `dk_j = beta sum_i u_i dS_ij q_i`,
     `dv_j = sum_i u_i A_ij c_i`. Shared by the softmax and the unnormalised
     kernels."""
-    dq = beta * jnp.einsum("...mn,...nk->...mk", dS * w, k)
-    dk = beta * jnp.einsum("...mn,...mk->...nk", dS * u[:, None], q)
-    dv = jnp.einsum("...mn,...mk->...nk", A * u[:, None], c)
+    dq = beta * jnp.einsum("...mn,...nk->...mk", dS * lift(w, dS.ndim), k)
+    dk = beta * jnp.einsum("...mn,...mk->...nk", dS * lift(u[:, None], dS.ndim), q)
+    dv = jnp.einsum("...mn,...mk->...nk", A * lift(u[:, None], A.ndim), c)
     return dq, dk, dv
 
 
@@ -147,4 +154,5 @@ def backward_block(q, k, v, w, o, lse, c, u, beta, mask, bias=None):
 def softmax_weights(q, k, w, lse, beta, mask, bias=None):
     """The row-stochastic attention matrix `P_ij = w_j A_ij`, `(..., m, n)`
     (rows sum to 1 over the visible keys; a row that sees no key is 0)."""
-    return w * density(q, k, lse, beta, mask, bias)
+    A = density(q, k, lse, beta, mask, bias)
+    return lift(w, A.ndim) * A

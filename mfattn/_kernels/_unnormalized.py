@@ -64,7 +64,8 @@ class UnnormalizedKernel(AbstractAttentionKernel):
     def forward(self, q, k, v, w, beta, qpos=None, kpos=None):
         """`(o, D)`: the output and the row masses `D_i = sum_j w_j E_ij`
         (the partition function that a softmax would divide by), `(H, m)`."""
-        We = w * self._matrix(q, k, w, beta, qpos, kpos)
+        E = self._matrix(q, k, w, beta, qpos, kpos)
+        We = _softmax.lift(w, E.ndim) * E
         o = jnp.einsum("...mn,...nk->...mk", We, v)
         return o, jnp.sum(We, axis=-1)
 
