@@ -66,7 +66,7 @@ def equiangular_points(
     if key is not None:
         g = jax.random.normal(key, (dim, dim), dtype)
         q, r = jnp.linalg.qr(g)
-        q = q * jnp.sign(jnp.diag(r))  # Haar-distributed (Mezzadri's correction)
+        q = q * jnp.sign(jnp.diag(r))[None, :]  # Haar-distributed (Mezzadri's correction)
         x = x @ q.T
     return x
 

@@ -12,10 +12,18 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from . import _solver_options as opts
-from ._checks import as_float_array, is_concrete
+from ._checks import (
+    as_float_array,
+    check_beta_in,
+    check_finite_args,
+    check_nonzero_rows,
+    check_sizes,
+    is_concrete,
+)
 from ._custom_types import BetaLike
 from ._field import AttentionField, check_layer
-from ._geometry import AbstractGeometry, as_geometry
+from ._geometry import AbstractGeometry, as_geometry, is_sphere
+from ._hardmax import HardmaxKernel
 from ._kernels import AbstractAttentionKernel
 from ._measure import EmpiricalMeasure
 from ._params import AttentionParams
@@ -131,6 +139,9 @@ def attention_flow(
         raise TypeError(f"`measure` must be an EmpiricalMeasure, got {type(measure).__name__}")
     path = _as_path(params)
     check_layer(measure, path.params.layer(0))
+    check_sizes(**{"params:H (heads)": path.params.heads})
+    # NaN parameters would otherwise surface as "the maximum number of steps was reached"
+    path = eqx.tree_at(lambda q: q.params, path, check_finite_args(params=path.params))
     ts = as_float_array(ts, "ts", ndim=1)
     if ts.shape[0] < 1:
         raise ValueError("`ts` must hold at least one time")
@@ -142,13 +153,23 @@ def attention_flow(
     )
     max_steps = opts.check_max_steps(max_steps)
     dtype = jnp.result_type(measure.points.dtype, ts.dtype)
-    x0 = geometry.initial(measure.points.astype(dtype))
+    ts = check_finite_args(ts=ts)
+    if not isinstance(kernel, HardmaxKernel):
+        beta = check_beta_in(beta, jnp.result_type(dtype, path.params.dtype))
+    why = "it cannot be mapped to the unit sphere (`geometry=mfattn.Sphere()`)"
+    x0 = measure.points.astype(dtype)
+    if is_sphere(geometry):
+        x0 = check_nonzero_rows(x0, "measure.points", why)
+    x0 = geometry.initial(x0)
     z0 = None
     if test_points is not None:
         z0 = as_float_array(test_points, "test_points", ndim=2)
         if z0.shape[1] != measure.dim:
             raise ValueError(f"`test_points` must be (m, d={measure.dim}), got {z0.shape}")
-        z0 = geometry.initial(z0.astype(dtype))
+        z0 = check_finite_args(test_points=z0.astype(dtype))
+        if is_sphere(geometry):
+            z0 = check_nonzero_rows(z0, "test_points", why)
+        z0 = geometry.initial(z0)
     measure = measure.with_points(x0)
     vf = AttentionVectorField(AttentionField(beta, kernel), path, measure, test_positions, geometry)
     if progress_meter is None:
