@@ -31,6 +31,7 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
     g.add_argument(
         "--medium", action="store_true", help="the medium preset (about 25 min on 2 cores)"
     )
+    g.add_argument("--gpu", action="store_true", help="the gpu preset (for one GPU)")
     ap.add_argument(
         "--out", default=None, help="JSON output (PNGs and per-condition files next to it)"
     )
@@ -43,7 +44,7 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         help="rebuild the JSON and PNGs from the per-condition files",
     )
     args = ap.parse_args(argv)
-    preset = "quick" if args.quick else "medium" if args.medium else "full"
+    preset = "quick" if args.quick else "medium" if args.medium else "gpu" if args.gpu else "full"
     out = pathlib.Path(args.out or f"benchmarks/results/scaling_{preset}.json")
     if args.table:
         print(table(json.loads(out.read_text())))

@@ -257,4 +257,24 @@ PRESETS = {
         sweep_steps=60,
         sweep_record_every=30,
     ),
+    # for one GPU (not yet run on one: benchmarks/device_check.sh tries it after
+    # the quick preset and the full preset's main grid): the full preset's main
+    # grid extended to L H = 1024 against a reference of J M = 16384 (its
+    # Monte-Carlo error about a quarter of the fluctuation at the largest
+    # point), no sweeps
+    "gpu": StudyConfig(
+        dim=4,
+        tokens=8,
+        batch=4,
+        steps=200,
+        record_every=40,
+        nodes=32,
+        particles=512,
+        L=(1, 2, 4, 8, 16),
+        H=(4, 16, 64),
+        inits=16,
+        probes=2,
+        optimizers=("adamw",),
+        sweep_LH=(2, 4),
+    ),
 }
