@@ -882,13 +882,11 @@ def study_stages(dry_run: bool) -> dict:
             **no_sweeps,
         )
         return {"dry": tiny}
-    stages = {
+    return {
         "quick": PRESETS["quick"],
         "full_main": dataclasses.replace(PRESETS["full"], **no_sweeps),
+        "gpu": PRESETS["gpu"],
     }
-    if "gpu" in PRESETS:
-        stages["gpu"] = PRESETS["gpu"]
-    return stages
 
 
 def part_study(rec: PartRecord, dry_run: bool) -> None:

@@ -158,3 +158,23 @@ def test_bad_arguments(tmp_path):
     )
     assert res.returncode == 2 and "--dryrun" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_study_stages_grow():
+    """The study's stages on the GPU: each a main grid alone (no sweeps), each
+    larger than the one before, the last the `gpu` preset."""
+    from benchmarks.scaling import PRESETS, conditions
+
+    stages = device_check.study_stages(dry_run=False)
+    assert list(stages) == ["quick", "full_main", "gpu"]
+    assert stages["gpu"] == PRESETS["gpu"]
+    sizes = []
+    for cfg in stages.values():
+        assert list(conditions(cfg)) == [cfg.main_condition]
+        sizes.append((max(cfg.L) * max(cfg.H), cfg.nodes * cfg.particles, cfg.inits * cfg.steps))
+    for small, big in zip(sizes, sizes[1:]):
+        assert all(b >= a for a, b in zip(small, big)) and big != small, sizes
+    assert max(PRESETS["gpu"].L) > max(PRESETS["full"].L)
+    assert max(PRESETS["gpu"].H) > max(PRESETS["full"].H)
+    dry = device_check.study_stages(dry_run=True)
+    assert list(dry) == ["dry"] and dry["dry"].inits >= 3  # the jackknife leaves one out
