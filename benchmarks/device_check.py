@@ -837,7 +837,8 @@ def part_limit(rec: PartRecord, dry_run: bool) -> None:
         c_j = np.asarray(mfattn.ParamPath(params).basis_integrals())
         scaled = [g.detach().cpu().numpy() * c["M"] / c_j[:, None, None, None] for g in tgrads]
         agree = {
-            "loss_rel_diff": abs(float(value) - float(tvalue)) / abs(float(tvalue)),
+            "loss_rel_diff": abs(float(value) - float(tvalue.detach()))
+            / abs(float(tvalue.detach())),
             "grad_rel_diff": _rel(list(jax.tree.leaves(grads)), scaled),
             "tol": 1e-4,
             "why": "both solve to rtol 1e-6, atol 1e-8 with other methods (Tsit5 and dopri5, "
