@@ -34,6 +34,7 @@ from jaxtyping import Array, Float
 
 from ._custom_types import HeadArray, Positions
 from ._kernels import AbstractAttentionKernel
+from ._kernels._softmax import lift
 
 
 def _visible(qpos, kpos):
@@ -53,7 +54,7 @@ def _tie_tolerance(q, k, tie_rtol):
 def _best(q, k, w, mask, tie_rtol):
     """Scores `(..., m, n)`, best visible score `(..., m)` and the tie tolerance."""
     s = jnp.einsum("...mk,...nk->...mn", q, k)
-    on = w > 0 if mask is None else (w > 0) & mask
+    on = w > 0 if mask is None else lift(w > 0, mask.ndim) & mask
     best = jnp.max(jnp.where(on, s, -jnp.inf), axis=-1)
     return s, best, _tie_tolerance(q, k, tie_rtol)
 
@@ -77,7 +78,7 @@ def hardmax_density(
     tie = s >= (best - tol)[..., None]
     mask = _visible(qpos, kpos)
     if mask is not None:
-        tie = tie & mask
+        tie = tie & lift(mask, tie.ndim)
     empty = mass <= 0
     inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, mass))
     return jnp.where(tie, inv[..., None], 0.0)
@@ -107,11 +108,11 @@ def hardmax_forward(
     """
     mask = _visible(qpos, kpos)
     s, best, tol = _best(q, k, w, mask, tie_rtol)
-    on = w > 0 if mask is None else (w > 0) & mask
-    tie = on & (s >= (best - tol)[..., None])
+    on = w > 0 if mask is None else lift(w > 0, mask.ndim) & mask
+    tie = lift(on, s.ndim) & (s >= (best - tol)[..., None])
     mass = jnp.sum(jnp.where(tie, w, 0.0), axis=-1)
     empty = mass <= 0
-    weights = jnp.where(tie, w / jnp.where(empty, 1.0, mass)[..., None], 0.0)
+    weights = jnp.where(tie, lift(w, tie.ndim) / jnp.where(empty, 1.0, mass)[..., None], 0.0)
     o = jnp.einsum("...mn,...nk->...mk", weights, v)
     return o, (best, mass)
 
@@ -134,7 +135,7 @@ def hardmax_backward(
     `dv_j = sum_i u_i A_ij c_i` (module docstring)."""
     best, mass = aux
     A = hardmax_density(q, k, w, best, mass, qpos, kpos, tie_rtol=tie_rtol)
-    dv = jnp.einsum("...mn,...mk->...nk", A * u[:, None], c)
+    dv = jnp.einsum("...mn,...mk->...nk", A * lift(u[:, None], A.ndim), c)
     return jnp.zeros_like(q), jnp.zeros_like(k), dv.astype(v.dtype)
 
 

@@ -94,7 +94,7 @@ def forward_update(state, q, k, v, w, beta, mask, bias=None):
     """Fold one key block into the online-softmax state (stable at any beta)."""
     mx, total, acc = state
     s = scores(q, k, beta, bias)
-    on = w > 0 if mask is None else (w > 0) & mask
+    on = w > 0 if mask is None else lift(w > 0, mask.ndim) & mask
     s = jnp.where(on, s, -jnp.inf)
     # the shift cancels in o and lse: no derivative through it
     new = lax.stop_gradient(jnp.maximum(mx, jnp.max(s, axis=-1)))
