@@ -98,9 +98,6 @@ SPEED_VARIANTS = {
     "long": (-1, 1024),
     "n65536": (-1, 1024),
 }
-# the sizes' shares of the part's budget (the medium size and n = 65536 compile
-# and run longest)
-SPEED_WEIGHTS = {"small": 1.0, "medium": 2.0, "long": 1.5, "n65536": 2.0}
 SPEED_DRY = {
     "small": dict(B=2, n=16, d=4, k=2, L=2, H=2),
     "long": dict(B=1, n=64, d=4, k=2, L=2, H=2),
@@ -523,12 +520,19 @@ def _speed_sizes(dry_run: bool):
     return sizes, SPEED_VARIANTS
 
 
-def worker_speed_jax(cfg: dict, variants, repeats: int, max_s: float, partial=None) -> dict:
+def _deadline(budget_s: float):
+    """`left()`: the seconds left of `budget_s` from now."""
+    t0 = time.monotonic()
+    return lambda: budget_s - (time.monotonic() - t0)
+
+
+def worker_speed_jax(sizes: dict, variants: dict, repeats: int, budget_s: float, partial=None):
     """One training step of mfattn (the step of `benchmarks.speed`: the batch's
-    gradient maps averaged, one blockwise AdamW update) per kernel variant, on
-    the default device: timings, XLA's memory analysis of the compiled step and
-    the device's peak memory so far; what it has after each variant also goes
-    to the file `partial`, when given."""
+    gradient maps averaged, one blockwise AdamW update) per size and kernel
+    variant, on the default device, after the device's measured peaks
+    (`worker_peaks`): timings, XLA's memory analysis of the compiled step and
+    the device's peak memory so far. Stops starting variants when `budget_s`
+    runs out; what it has after each variant also goes to the file `partial`."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -536,18 +540,28 @@ def worker_speed_jax(cfg: dict, variants, repeats: int, max_s: float, partial=No
     import mfattn
     from benchmarks import speed
 
-    params, x, y = speed._data(cfg)
+    left = _deadline(budget_s)
     dev = jax.devices()[0]
-    params = mfattn.AttentionParams(*(jax.device_put(a, dev) for a in params))
-    x, y = jax.device_put(x, dev), jax.device_put(y, dev)
+    out = {"device": str(dev), "device_kind": dev.device_kind, "sizes": {}}
+    try:
+        out["peaks_measured"] = worker_peaks()
+    except Exception as e:
+        out["peaks_measured"] = _error(e)
     opt = mfattn.blockwise_adamw(1e-2)
-    out = {"device": str(dev), "device_kind": dev.device_kind}
-    for chunk in variants:
+    todo = [(size, chunk) for size in sizes for chunk in variants[size]]
+    for i, (size, chunk) in enumerate(todo):
         kernel = {-1: mfattn.AutoKernel(), 0: mfattn.DenseKernel()}.get(chunk)
         kernel = kernel or mfattn.ChunkedKernel(chunk)
         name = {-1: "default", 0: "dense"}.get(chunk, f"chunk{chunk}")
         label = f"mfattn {name} ({type(kernel).__name__})"
+        row = out["sizes"].setdefault(size, {})
+        if left() < 3:
+            row[name] = {"label": label, "skipped": "the worker's budget ran out"}
+            continue
         try:
+            params, x, y = speed._data(sizes[size])
+            params = mfattn.AttentionParams(*(jax.device_put(a, dev) for a in params))
+            x, y = jax.device_put(x, dev), jax.device_put(y, dev)
             model = mfattn.DiscreteTransformer(params, 1.0, kernel=kernel)
             state = opt.init(model.params)
 
@@ -576,11 +590,12 @@ def worker_speed_jax(cfg: dict, variants, repeats: int, max_s: float, partial=No
                 }
             box = {"m": model, "s": state}
 
-            def run(box=box, compiled=compiled):
+            def run(box=box, compiled=compiled, x=x, y=y):
                 box["m"], box["s"] = compiled(box["m"], box["s"], x, y)
                 return box["m"]
 
-            r = _timed(run, repeats, jax.block_until_ready, max_s)
+            # the timed repeats take at most a third of the time left per variant left
+            r = _timed(run, repeats, jax.block_until_ready, left() / (len(todo) - i) / 3)
             stats = {}
             with contextlib.suppress(Exception):
                 stats = dev.memory_stats() or {}
@@ -590,47 +605,69 @@ def worker_speed_jax(cfg: dict, variants, repeats: int, max_s: float, partial=No
                 xla_memory=mem,
                 device_peak_bytes_so_far=stats.get("peak_bytes_in_use"),
             )
+            del box, compiled, run, params, x, y, model, state
         except Exception as e:
             r = dict(label=label, **_error(e))
-        out[name] = r
+        row[name] = r
+        print(f"speed {size} {label}: {r.get('median', r.get('error'))}", file=sys.stderr)
         if partial:
             write_json(partial, out)
     return out
 
 
-def worker_speed_torch(cfg: dict, repeats: int, max_s: float, dry_run: bool = False) -> dict:
+def worker_speed_torch(
+    sizes: dict, repeats: int, budget_s: float, dry_run: bool = False, partial=None
+) -> dict:
     """One training step of `benchmarks.torch_reference.TorchStep`
-    (`scaled_dot_product_attention`) on the CUDA device: timings after warm-up
-    with `torch.cuda.synchronize`, and `torch.cuda.max_memory_allocated`. In a
-    dry run without CUDA, on the CPU."""
+    (`scaled_dot_product_attention`) per size on the CUDA device: timings after
+    warm-up with `torch.cuda.synchronize`, and `torch.cuda.max_memory_allocated`
+    (reset per size). In a dry run without CUDA, on the CPU. Stops starting
+    sizes when `budget_s` runs out; what it has also goes to `partial`."""
     from benchmarks import speed
 
     torch, device, note = _torch(require_cuda=not dry_run)
     if torch is None:
-        return {"skipped": note}
+        return {size: note for size in sizes}
     from benchmarks.torch_reference import TorchStep
 
-    params, x, y = speed._data(cfg)
+    left = _deadline(budget_s)
     torch.set_default_device(device)  # TorchStep's tensors are made on the GPU
     cuda = device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step = TorchStep(params, 1.0)
-    xt, yt = torch.tensor(x), torch.tensor(y)
     sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
-    r = _timed(lambda: step(xt, yt), repeats, sync, max_s)
-    r.update(label=f"torch SDPA eager ({device})", torch_device=device)
-    if cuda:
-        r.update(
-            device_name=torch.cuda.get_device_name(0),
-            peak_bytes=torch.cuda.max_memory_allocated(),
-            sdp_backends={
-                "flash": torch.backends.cuda.flash_sdp_enabled(),
-                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                "math": torch.backends.cuda.math_sdp_enabled(),
-            },
-        )
-    return r
+    out = {}
+    for i, (size, cfg) in enumerate(sizes.items()):
+        label = f"torch SDPA eager ({device})"
+        if left() < 3:
+            out[size] = {"label": label, "skipped": "the worker's budget ran out"}
+            continue
+        try:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            params, x, y = speed._data(cfg)
+            step = TorchStep(params, 1.0)
+            xt, yt = torch.tensor(x), torch.tensor(y)
+            max_s = left() / (len(sizes) - i) / 3
+            r = _timed(lambda s=step, a=xt, b=yt: s(a, b), repeats, sync, max_s)
+            r.update(label=label, torch_device=device)
+            if cuda:
+                r.update(
+                    device_name=torch.cuda.get_device_name(0),
+                    peak_bytes=torch.cuda.max_memory_allocated(),
+                    sdp_backends={
+                        "flash": torch.backends.cuda.flash_sdp_enabled(),
+                        "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                        "math": torch.backends.cuda.math_sdp_enabled(),
+                    },
+                )
+            del step, xt, yt
+        except Exception as e:  # out of memory, say: the next size runs
+            r = dict(label=label, **_error(e))
+        out[size] = r
+        print(f"speed {size} {label}: {r.get('median', r.get('error'))}", file=sys.stderr)
+        if partial:
+            write_json(partial, out)
+    return out
 
 
 def worker_peaks() -> dict:
@@ -683,8 +720,8 @@ def _worker(name: str, args: list, timeout: float, partial=None) -> dict:
 
 
 def part_speed(rec: PartRecord, dry_run: bool) -> None:
-    """Per size, one training step of mfattn (each kernel variant) and of
-    PyTorch (SDPA) on the same device, each framework in its own process."""
+    """One training step per size: mfattn (each kernel variant, all sizes in
+    one process), then PyTorch (SDPA, all sizes in another) on the same device."""
     from benchmarks import speed
 
     sizes, variants = _speed_sizes(dry_run)
@@ -698,58 +735,62 @@ def part_speed(rec: PartRecord, dry_run: bool) -> None:
         "torch.cuda.synchronize); nominal counts of benchmarks.speed.nominal (14 n^2 k "
         "flops, 2 n^2 exponentials per head, layer and sample); mfattn's memory: XLA's "
         "analysis of the compiled step and the device's peak since the worker started "
-        "(the largest over the variants run so far); torch's: max_memory_allocated",
+        "(the largest over the sizes and variants run so far); torch's: "
+        "max_memory_allocated, reset per size",
     )
-    peaks = _worker("peaks", [], min(60, rec.left() - 5))
-    if "error" in peaks:
-        rec.data["errors"].append({"where": "speed/peaks", "error": peaks["error"]})
-    rec.set("peaks_measured", peaks)
-    rec.set("sizes", {})
-    names = list(sizes)
-    for i, size in enumerate(names):
-        cfg = sizes[size]
-        # the remaining budget shared by the sizes left, by their weights
-        weights = [SPEED_WEIGHTS.get(s, 1.0) for s in names[i:]]
-        share = (rec.left() - 5) * weights[0] / sum(weights)
-        if share < 5:
-            rec.set(("sizes", size), {"config": cfg, "skipped": "the part's budget ran out"})
-            rec.data.setdefault("skipped", []).append(size)
-            continue
+    rows = {}
+    for size, cfg in sizes.items():
         flops, exps = speed.nominal(cfg)
-        row = {"config": cfg, "nominal_flops": flops, "nominal_exps": exps}
-        rec.set(("sizes", size), row)
-        t_start = time.monotonic()
-        # what the worker has, outside OUT (which holds one file per part)
-        partial = pathlib.Path(tempfile.gettempdir()) / f"device_check_{os.getpid()}_{size}.json"
-        row["mfattn"] = _worker(
-            "speed_jax", [cfg, list(variants[size]), repeats, share / 10], share * 0.65, partial
+        rows[size] = {"config": cfg, "nominal_flops": flops, "nominal_exps": exps}
+    rec.set("sizes", rows)
+    # what the workers have, outside OUT (which holds one file per part)
+    tmp = pathlib.Path(tempfile.gettempdir())
+    budget = rec.left() - 5
+    jax_share = 0.62 if device is not None else 1.0
+    res = _worker(
+        "speed_jax",
+        [sizes, variants, repeats, budget * jax_share - 5],
+        budget * jax_share,
+        tmp / f"device_check_{os.getpid()}_jax.json",
+    )
+    rec.set("device", res.get("device"))
+    rec.set("peaks_measured", res.get("peaks_measured"))
+    if "error" in res:
+        rec.data["errors"].append({"where": "speed/mfattn", "error": res["error"]})
+    for size, row in rows.items():
+        row["mfattn"] = res.get("sizes", {}).get(size, {})
+    rec.write()
+    if device is not None:
+        budget = rec.left() - 5
+        tres = _worker(
+            "speed_torch",
+            [sizes, repeats, budget - 5, dry_run],
+            budget,
+            tmp / f"device_check_{os.getpid()}_torch.json",
         )
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        if "error" in row["mfattn"]:
-            rec.data["errors"].append(
-                {"where": f"speed/{size}/mfattn", "error": row["mfattn"]["error"]}
-            )
-        rec.write()
-        if device is not None:
-            left = share - (time.monotonic() - t_start)
-            row["torch"] = _worker("speed_torch", [cfg, repeats, left / 3, dry_run], left)
-        else:
-            row["torch"] = note
+        if "error" in tres:
+            rec.data["errors"].append({"where": "speed/torch", "error": tres["error"]})
+    for size, row in rows.items():
+        row["torch"] = tres.get(size, "not run") if device is not None else note
         for r in [*row["mfattn"].values(), row["torch"]]:
             if _has(r, "median"):
-                r["flops_per_s"] = flops / r["median"]
-                r["exp_per_s"] = exps / r["median"]
+                r["flops_per_s"] = row["nominal_flops"] / r["median"]
+                r["exp_per_s"] = row["nominal_exps"] / r["median"]
                 r["fraction_of_peak_flops"] = r["flops_per_s"] / PEAKS["float32_flops"]
                 r["fraction_of_peak_exp"] = r["exp_per_s"] / PEAKS["exp_per_s"]
             elif _has(r, "error"):
-                rec.data["errors"].append(
-                    {"where": f"speed/{size}/{r.get('label')}", "error": r["error"]}
-                )
+                where = f"speed/{size}/{r.get('label')}"
+                rec.data["errors"].append({"where": where, "error": r["error"]})
+            elif _has(r, "skipped") or r == "not run":
+                rec.data.setdefault("skipped", []).append(f"{size}: {r}")
+        if _has(row["torch"], "median"):
+            for r in row["mfattn"].values():
+                if _has(r, "median"):
+                    r["ratio_to_torch"] = r["median"] / row["torch"]["median"]
         timed = [*row["mfattn"].values(), row["torch"]]
         timed = [f"{r['label']} {r['median']:.4g} s" for r in timed if _has(r, "median")]
         print(f"speed {size}: " + ", ".join(timed), flush=True)
-        rec.write()
+    rec.write()
 
 
 # ----------------------------------------------------------------------------------
