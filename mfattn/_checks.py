@@ -202,9 +202,12 @@ def _check_named(named: dict) -> dict:
     inf = jnp.stack([jnp.any(jnp.isinf(a)) for a in arrays])
     bad = nan | inf
     first = jnp.argmax(bad)
-    # message 2k: leaf k holds a NaN; 2k + 1: leaf k holds an inf (and no NaN)
-    index = 2 * first + jnp.where(nan[first], 0, 1)
-    messages = []
+    # message 2k + 1: leaf k holds a NaN; 2k + 2: leaf k holds an inf (and no
+    # NaN); 0: nothing wrong. Under `jax.vmap`, `eqx.branched_error_if` reports
+    # the *largest* index over the batch, so a finite batch element must give
+    # the smallest one (0), or its "inf" would hide another element's NaN.
+    index = jnp.where(jnp.any(bad), 1 + 2 * first + jnp.where(nan[first], 0, 1), 0)
+    messages = ["non-finite values"]
     for _, leaf_name in traced:
         messages += [f"`{leaf_name}` contains NaN", f"`{leaf_name}` contains inf"]
     arrays = eqx.branched_error_if(arrays, jnp.any(bad), index, messages)
@@ -289,3 +292,207 @@ def check_solve(solution, name: str):
 
     messages = [f"{name} failed: {m}" for m in result._enumeration._index_to_message]
     return eqx.branched_error_if(solution, ~diffrax.is_okay(result), result._value, messages)
+
+
+def check_sizes(**sizes) -> None:
+    """Sizes that must be at least one, checked at trace time (shapes are
+    static): `check_sizes(**{"params (L layers)": L})` raises
+    `ValueError: `params` has L = 0 ...`. Each keyword is `"argument:what"`,
+    e.g. `"params:L layers"`, and its value the size."""
+    for key, value in sizes.items():
+        name, _, what = key.partition(":")
+        if int(value) < 1:
+            raise ValueError(f"`{name}` has {what} = 0; need at least one")
+
+
+def check_nonnegative_weights(weights, name: str = "weights"):
+    """Finite, non-negative masses (not necessarily summing to one), at once
+    when concrete and through `eqx.error_if` when traced (with checks on).
+    Returns the weights, which callers must use."""
+    if not _enabled:
+        return weights
+    weights = check_finite(weights, name)
+    if is_concrete(weights):
+        with jax.ensure_compile_time_eval():
+            negative = bool(jnp.any(jnp.asarray(weights) < 0))
+        if negative:
+            raise ValueError(f"`{name}` must be non-negative")
+        return weights
+    return eqx.error_if(weights, jnp.any(weights < 0), f"`{name}` must be non-negative")
+
+
+def weights_tolerance(*dtypes) -> float:
+    """How far from one a sum of weights may be: `1e-6` in float64, `1e-4` in
+    float32, and eight units in the last place of a lower precision (bfloat16,
+    float16), whose own rounding of `1/n` already moves the sum that far. The
+    loosest over `dtypes` (the weights' own dtype and the one they are cast to)."""
+    tol = 1e-6
+    for dtype in dtypes:
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            continue
+        eps = float(jnp.finfo(dtype).eps)
+        tol = max(tol, 1e-4 if eps >= 1e-7 else 1e-6, 8 * eps)
+    return tol
+
+
+def check_nonzero_rows(x, name: str, why: str):
+    """Every row of `x` `(..., d)` has a non-zero norm (e.g. a token that is
+    mapped to the unit sphere): at once when concrete, through `eqx.error_if`
+    when traced (with checks on). Returns `x`, which callers must use."""
+    if not _enabled or x is None or x.shape[-2] == 0:
+        return x
+    if is_concrete(x):
+        with jax.ensure_compile_time_eval():
+            zero = np.asarray(jnp.all(jnp.asarray(x) == 0, axis=-1))
+        if np.any(zero):
+            index = tuple(int(i) for i in np.argwhere(zero)[0])
+            raise ValueError(f"`{name}` has a zero row (first at index {index}): {why}")
+        return x
+    return eqx.error_if(x, jnp.any(jnp.all(x == 0, axis=-1)), f"`{name}` has a zero row: {why}")
+
+
+def check_nonzero(x, name: str, why: str):
+    """`x` is not the zero array (e.g. an initial tangent that is normalised):
+    at once when concrete, through `eqx.error_if` when traced (with checks on).
+    Returns `x`, which callers must use."""
+    if not _enabled:
+        return x
+    if is_concrete(x):
+        with jax.ensure_compile_time_eval():
+            zero = bool(jnp.all(jnp.asarray(x) == 0))
+        if zero:
+            raise ValueError(f"`{name}` is zero: {why}")
+        return x
+    return eqx.error_if(x, jnp.all(x == 0), f"`{name}` is zero: {why}")
+
+
+def check_beta_in(beta, dtype, name: str = "beta"):
+    """`beta` as the solvers compute with it: positive and finite in the working
+    floating `dtype`, and not below its smallest normal number (a denormal
+    `beta`, e.g. `5e-324`, is flushed to zero by XLA or rounds to 0 in float32).
+    Concrete values are always checked (they cost nothing); a traced `beta`
+    through `eqx.error_if` with checks on. Returns `beta`, which callers must use."""
+    beta = check_positive(beta, name)
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return beta
+    finfo = jnp.finfo(dtype)
+    if is_concrete(beta):
+        with jax.ensure_compile_time_eval():
+            b = float(np.asarray(beta))
+        if b > float(finfo.max):
+            raise ValueError(
+                f"`{name}` = {b!r} overflows {dtype.name} (largest finite value "
+                f"{float(finfo.max):.3g}): it would become inf"
+            )
+        if b < float(finfo.tiny):
+            raise ValueError(
+                f"`{name}` = {b!r} is below the smallest normal {dtype.name} "
+                f"({float(finfo.tiny):.3g}): it would be computed as 0"
+            )
+        return beta
+    if not _enabled:
+        return beta
+    b = jnp.asarray(beta).astype(dtype)
+    return eqx.branched_error_if(
+        beta,
+        ~jnp.isfinite(b) | (b < finfo.tiny),
+        jnp.where(jnp.isfinite(b), 0, 1),
+        [
+            f"`{name}` is below the smallest normal {dtype.name}: it would be computed as 0",
+            f"`{name}` overflows {dtype.name}: it would become inf",
+        ],
+    )
+
+
+def check_states_finite(outputs, forward, adjoint, name: str):
+    """One runtime check that a solve's states stayed finite: `forward` and
+    `adjoint` are small pytrees read for the test (e.g. the final tokens and the
+    initial adjoints; a non-finite value anywhere propagates to them), and the
+    check is threaded through `outputs` (everything the solve returns), so that
+    it fires whenever a result is used. Always on when called (one reduction
+    per leaf, one conditional). The message names the solve and says NaN or inf.
+    Returns `outputs`, which callers must use."""
+
+    def flags(tree):
+        leaves = [jnp.asarray(a) for a in jax.tree.leaves(tree) if _is_inexact(a)]
+        if not leaves:
+            return jnp.array(False), jnp.array(False)
+        nan = jnp.any(jnp.stack([jnp.any(jnp.isnan(a)) for a in leaves]))
+        inf = jnp.any(jnp.stack([jnp.any(jnp.isinf(a)) for a in leaves]))
+        return nan, inf
+
+    fnan, finf = flags(forward)
+    anan, ainf = flags(adjoint)
+    fbad, abad = fnan | finf, anan | ainf
+    # 0: nothing wrong (the smallest index: see `_check_named` on vmap)
+    index = jnp.where(fbad, jnp.where(fnan, 1, 2), jnp.where(abad, jnp.where(anan, 3, 4), 0))
+    hint = (
+        "(overflow: check the size of the tokens and of `beta` in this dtype, or "
+        "a zero token mapped to the sphere)"
+    )
+    messages = [
+        "non-finite states",
+        f"{name}'s forward pass produced NaN {hint}",
+        f"{name}'s forward pass produced inf {hint}",
+        f"{name}'s adjoint pass produced NaN {hint}",
+        f"{name}'s adjoint pass produced inf {hint}",
+    ]
+    return eqx.branched_error_if(outputs, fbad | abad, index, messages)
+
+
+def check_grid(times, interpolation: str, name: str = "times"):
+    """The nodes of a depth grid `(N,)` on `[0, 1]`: finite, strictly increasing,
+    starting at 0, ending at 1 (linear interpolation, `N > 1`) or below 1
+    (constant interpolation, where nodes are left endpoints). At once when
+    concrete, through `eqx.error_if` when traced (with checks on), so that a
+    grid passed to a jitted solver is checked as [`mfattn.ParamPath`][] checks
+    it. Returns `times`, which callers must use.
+
+    **Raises:** `ValueError` naming `times` (or `equinox.EquinoxRuntimeError`
+    with the same words when traced)."""
+    N = times.shape[0]
+    if N == 0:
+        raise ValueError(f"`{name}` has no nodes")
+    last_is_one = interpolation == "linear" and N > 1
+    last_below_one = interpolation == "constant"
+    if is_concrete(times):
+        with jax.ensure_compile_time_eval():
+            t = np.asarray(times, dtype=np.float64)
+        if not np.all(np.isfinite(t)):
+            raise ValueError(f"`{name}` has non-finite values: {_describe(t)}")
+        if np.any(np.diff(t) <= 0):
+            raise ValueError(f"`{name}` must be strictly increasing, got {t}")
+        if t[0] != 0.0:
+            raise ValueError(f"`{name}` must start at 0 (cover [0, 1]), got t_0={t[0]}")
+        if last_is_one and t[-1] != 1.0:
+            raise ValueError(f"`{name}` must end at 1 for linear interpolation, got t_J={t[-1]}")
+        if last_below_one and t[-1] >= 1.0:
+            raise ValueError(
+                f"`{name}` are left endpoints for constant interpolation: the "
+                f"last must be < 1, got {t[-1]}"
+            )
+        return times
+    if not _enabled:
+        return times
+    conditions = [
+        (jnp.any(jnp.isnan(times)), f"`{name}` contains NaN"),
+        (jnp.any(jnp.isinf(times)), f"`{name}` contains inf"),
+        (jnp.any(jnp.diff(times) <= 0), f"`{name}` must be strictly increasing"),
+        (times[0] != 0, f"`{name}` must start at 0 (cover [0, 1])"),
+    ]
+    if last_is_one:
+        conditions.append((times[-1] != 1, f"`{name}` must end at 1 for linear interpolation"))
+    if last_below_one:
+        conditions.append(
+            (
+                times[-1] >= 1,
+                f"`{name}` are left endpoints for constant interpolation: the last must be < 1",
+            )
+        )
+    bad = jnp.stack([c for c, _ in conditions])
+    # 0: nothing wrong (the smallest index: see `_check_named` on vmap)
+    index = jnp.where(jnp.any(bad), 1 + jnp.argmax(bad), 0)
+    messages = [f"`{name}` is not a valid grid"] + [m for _, m in conditions]
+    return eqx.branched_error_if(times, jnp.any(bad), index, messages)

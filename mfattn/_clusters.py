@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import as_float_array
+from ._checks import as_float_array, check_finite, check_finite_args, check_nonnegative_weights
 from ._custom_types import ScalarLike
 
 
@@ -49,7 +49,7 @@ def pairwise_distances(
     """All pairwise distances between tokens (see the module docstring for the
     metrics). Diagonal exactly zero."""
     _check_metric(metric)
-    return _pairwise(as_float_array(points, "points", ndim=2), metric)
+    return _pairwise(check_finite(as_float_array(points, "points", ndim=2), "points"), metric)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -119,7 +119,7 @@ def cluster_labels(
     """
     _check_tol(tol)
     _check_metric(metric)
-    x = as_float_array(points, "points", ndim=2)
+    x = check_finite(as_float_array(points, "points", ndim=2), "points")
     return _labels(x, jnp.asarray(tol, x.dtype), metric)
 
 
@@ -156,7 +156,7 @@ def count_clusters(
     See docs/theory.md, section 10.
     """
     _check_tol(min_mass, "min_mass")
-    x = as_float_array(points, "points", ndim=2)
+    x = check_finite(as_float_array(points, "points", ndim=2), "points")
     n = x.shape[0]
     if weights is None:
         weights = jnp.full((n,), 1.0 / n, x.dtype)
@@ -164,6 +164,7 @@ def count_clusters(
         weights = as_float_array(weights, "weights", ndim=1)
         if weights.shape[0] != n:
             raise ValueError(f"`weights` has length {weights.shape[0]}, `points` has {n} tokens")
+        weights = check_nonnegative_weights(weights, "weights")
     _check_tol(tol)
     _check_metric(metric)
     return _count(x, weights.astype(x.dtype), jnp.asarray(tol, x.dtype), min_mass, metric)
@@ -209,6 +210,7 @@ def time_to_one_cluster(
     xs = as_float_array(xs, "xs", ndim=3)
     if xs.shape[0] != ts.shape[0]:
         raise ValueError(f"`xs` has {xs.shape[0]} states but `ts` has {ts.shape[0]} times")
+    ts, xs = check_finite_args(ts=ts, xs=xs)
     _check_metric(metric)
     return _time_to_one(ts, xs, jnp.asarray(tol, xs.dtype), metric, interpolate)
 

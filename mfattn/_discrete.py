@@ -5,11 +5,18 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
-from ._checks import as_float_array, check_finite_args
+from ._checks import (
+    as_float_array,
+    check_beta_in,
+    check_finite_args,
+    check_nonzero_rows,
+    check_sizes,
+    check_states_finite,
+)
 from ._custom_types import BetaLike
 from ._euler import euler_adjoint, euler_forward
 from ._field import AttentionField
-from ._geometry import AbstractGeometry, as_geometry
+from ._geometry import AbstractGeometry, as_geometry, is_sphere
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss, terminal_condition
 from ._measure import EmpiricalMeasure, check_measure
@@ -31,6 +38,9 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
         raise TypeError(f"`{name}` must be an AttentionParams, got {type(params).__name__}")
     if params.Q.ndim != 4:
         raise ValueError(f"`{name}` must have leaves of shape (L, H, d, k), got {params.Q.shape}")
+    sizes = {f"{name}:L (depth nodes)": params.depth}
+    sizes[f"{name}:H (heads, or particles)"] = params.heads
+    check_sizes(**sizes)
     check_measure(measure)
     if params.dim != measure.dim:
         raise ValueError(
@@ -46,6 +56,11 @@ def check_model_inputs(params, measure, loss, test_points, test_labels, name="pa
             )
         if test_labels is not None:
             test_labels = as_float_array(test_labels, "test_labels", ndim=2)
+            if test_labels.shape[0] != test_points.shape[0]:
+                raise ValueError(
+                    f"`test_labels` has {test_labels.shape[0]} rows but `test_points` has "
+                    f"{test_points.shape[0]}: one label per test point"
+                )
     elif test_labels is not None:
         raise ValueError("`test_labels` given without `test_points`")
     checked = check_finite_args(**{name: params}, test_points=test_points, test_labels=test_labels)
@@ -126,6 +141,11 @@ def _setup(
     )
     check_mlp(mlp, params, activation)
     measure, test_points, dtype = _cast(measure, test_points, params, mlp)
+    beta = check_beta_in(beta, dtype)
+    if is_sphere(geometry):
+        why = "it cannot be mapped to the unit sphere (`geometry=mfattn.Sphere()`)"
+        measure = measure.with_points(check_nonzero_rows(measure.points, "measure.points", why))
+        test_points = check_nonzero_rows(test_points, "test_points", why)
     measure = measure.with_points(geometry.initial(measure.points))
     test_points = None if test_points is None else geometry.initial(test_points)
     field = AttentionField(beta, kernel, mesh, chunk_size=chunk_size)
@@ -240,7 +260,12 @@ def solve_discrete(
     `dLoss/dtheta_{l,h} = (h / H) g(theta_{l,h})`, `h` the residual factor.
 
     **Raises:** `TypeError`/`ValueError` naming the argument for bad types or
-    shapes; a runtime error for non-finite parameters or test points.
+    shapes, for no layers or heads (`L = 0`, `H = 0`) or no tokens; a NaN or
+    inf in `params`, `test_points` or `test_labels`, a `beta` that overflows
+    or underflows the working dtype, or (with `geometry=mfattn.Sphere()`) a
+    zero token, raise naming the argument (`ValueError` for concrete values,
+    `equinox.EquinoxRuntimeError` inside `jit`); a runtime error naming
+    `solve_discrete` when its forward or adjoint states become NaN or inf.
     """
     vf, h, measure, test_points, test_labels, dtype = _setup(
         params,
@@ -264,6 +289,7 @@ def solve_discrete(
     forward_only = loss is None
     xs, zs, trace = euler_forward(vf, measure.points, test_points, h, keep=not forward_only)
     if forward_only:
+        xs, zs = check_states_finite((xs, zs), (xs[-1], zs), None, "solve_discrete")
         return Solution(ts=ts, xs=xs, test_xs=zs)
     loss_value, p_last, pz_last = terminal_condition(
         loss, measure, xs[-1], None if zs is None else zs[-1], test_labels, dtype
@@ -271,6 +297,12 @@ def solve_discrete(
     p_last = vf.geometry.tangent(xs[-1], p_last)
     pz_last = None if zs is None else vf.geometry.tangent(zs[-1], pz_last)
     ps, pzs, (grads, mlp_grads) = euler_adjoint(vf, xs, zs, trace, p_last, pz_last, h)
+    # one check: a non-finite state anywhere reaches the last forward state or the first adjoint
+    outputs = (xs, zs, ps, pzs, grads, mlp_grads, loss_value)
+    forward = (xs[-1], None if zs is None else zs[-1], loss_value)
+    adjoint = (ps[0], None if pzs is None else pzs[0])
+    outputs = check_states_finite(outputs, forward, adjoint, "solve_discrete")
+    xs, zs, ps, pzs, grads, mlp_grads, loss_value = outputs
     return Solution(
         ts=ts,
         xs=xs,

@@ -13,11 +13,11 @@ from jaxtyping import Array, ArrayLike, Float
 
 from . import _solver_options as opts
 from ._adjoint import AbstractLimitAdjoint, ClosedFormAdjoint, as_limit_adjoint
-from ._checks import check_solve
+from ._checks import check_beta_in, check_nonzero_rows, check_solve
 from ._custom_types import BetaLike, ScalarLike
 from ._discrete import check_model_inputs
 from ._field import AttentionField
-from ._geometry import AbstractGeometry, as_geometry
+from ._geometry import AbstractGeometry, as_geometry, is_sphere
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
@@ -200,6 +200,11 @@ def limit_problem(
     )
     d = measure.dim
     Z0 = jnp.zeros((0, d), dtype) if test_points is None else test_points.astype(dtype)
+    beta = check_beta_in(beta, dtype)
+    if is_sphere(geometry):
+        why = "it cannot be mapped to the unit sphere (`geometry=mfattn.Sphere()`)"
+        measure = measure.with_points(check_nonzero_rows(measure.points, "measure.points", why))
+        Z0 = check_nonzero_rows(Z0, "test_points", why)
     measure = measure.with_points(geometry.initial(measure.points))
     Z0 = geometry.initial(Z0) if Z0.shape[0] else Z0
     if field is None:

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._checks import as_float_array, check_finite, checks_enabled, is_concrete
+from ._checks import (
+    as_float_array,
+    check_finite,
+    check_sizes,
+    checks_enabled,
+    is_concrete,
+    weights_tolerance,
+)
 
 
 class EmpiricalMeasure(eqx.Module):
@@ -26,8 +33,9 @@ class EmpiricalMeasure(eqx.Module):
 
     `TypeError` for a non-floating `points`/`weights`; `ValueError` for a wrong
     shape, an empty token set, a NaN or infinite point or weight, negative
-    weights, or weights not summing to one (relative tolerance `1e-6` in
-    float64, `1e-4` in float32). Inside a trace the value checks become
+    weights, or weights not summing to one (tolerance `1e-6` in float64,
+    `1e-4` in float32, eight units in the last place in bfloat16 and float16:
+    the loosest of the weights' dtype and the points'). Inside a trace the value checks become
     `eqx.error_if` runtime checks (`equinox.EquinoxRuntimeError` with the same
     message); [`mfattn.set_checks`][]`(False)` turns the value checks off.
     """
@@ -51,8 +59,9 @@ class EmpiricalMeasure(eqx.Module):
                 raise ValueError(
                     f"`weights` has length {weights.shape[0]} but `points` has {n} atoms"
                 )
+            tol = weights_tolerance(weights.dtype, points.dtype)
+            weights = _check_weights(check_finite(weights, "weights"), tol)
             weights = weights.astype(points.dtype)
-            weights = _check_weights(check_finite(weights, "weights"))
         self.points = points
         self.weights = weights
 
@@ -76,25 +85,28 @@ class EmpiricalMeasure(eqx.Module):
         return jnp.einsum("...n,...nd->...d", self.weights, self.points)
 
 
-def _check_weights(weights):
-    """Non-negative weights summing to one (value checks: skipped with checks off)."""
+def _check_weights(weights, tol):
+    """Non-negative weights summing to one within `tol` (value checks: skipped
+    with checks off). The sum is taken in at least float32, whatever the
+    weights' own dtype."""
     if not checks_enabled():
         return weights
-    tol = 1e-4 if weights.dtype == jnp.float32 else 1e-6
     if is_concrete(weights):
-        w = np.asarray(weights)
+        w = np.asarray(weights, dtype=np.float64)
         if np.any(w < 0):
             raise ValueError("`weights` must be non-negative")
         if abs(float(w.sum()) - 1.0) > tol:
             raise ValueError(
-                f"`weights` must sum to 1, got {float(w.sum())!r}; pass "
-                "`weights / weights.sum()` to normalise"
+                f"`weights` must sum to 1 (within {tol:.2g} in {weights.dtype}), got "
+                f"{float(w.sum())!r}; pass `weights / weights.sum()` to normalise"
             )
         return weights
-    return eqx.error_if(
+    total = jnp.sum(weights.astype(jnp.promote_types(weights.dtype, jnp.float32)))
+    return eqx.branched_error_if(
         weights,
-        jnp.any(weights < 0) | (jnp.abs(jnp.sum(weights) - 1) > tol),
-        "`weights` must be non-negative and sum to 1",
+        jnp.any(weights < 0) | (jnp.abs(total - 1) > tol),
+        jnp.where(jnp.any(weights < 0), 0, 1),
+        ["`weights` must be non-negative", f"`weights` must sum to 1 (within {tol:.2g})"],
     )
 
 
@@ -108,3 +120,4 @@ def check_measure(measure, name: str = "measure") -> None:
             f"`{name}.points` must be (n, d), got {measure.points.shape}; use "
             "`jax.vmap` over a batch of measures"
         )
+    check_sizes(**{f"{name}.points:n tokens": measure.points.shape[0]})

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._checks import as_float_array, is_concrete
+from ._checks import as_float_array, check_grid
 from ._params import AttentionParams
 
 _INTERPOLATIONS = ("linear", "constant")
@@ -60,21 +60,7 @@ class ParamPath(eqx.Module):
                 raise ValueError(
                     f"`times` has {times.shape[0]} nodes but `params` has {N} depth nodes"
                 )
-            if is_concrete(times):
-                t = np.asarray(times)
-                if np.any(np.diff(t) <= 0):
-                    raise ValueError(f"`times` must be strictly increasing, got {t}")
-                if t[0] != 0.0:
-                    raise ValueError(f"`times` must start at 0 (cover [0, 1]), got t_0={t[0]}")
-                if interpolation == "linear" and N > 1 and t[-1] != 1.0:
-                    raise ValueError(
-                        f"`times` must end at 1 for linear interpolation, got t_J={t[-1]}"
-                    )
-                if interpolation == "constant" and t[-1] >= 1.0:
-                    raise ValueError(
-                        "`times` are left endpoints for constant interpolation: the "
-                        f"last must be < 1, got {t[-1]}"
-                    )
+            times = check_grid(times, interpolation)
         self.params = params
         self.times = times
         self.interpolation = interpolation

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._checks import check_finite_args
 from ._discrete import discrete_vector_field
 from ._euler import euler_adjoint, euler_forward
 from ._limit import finite
@@ -87,7 +88,9 @@ def _check(model, measure, probes):
         measure,
         (measure.points.astype(dtype), measure.weights.astype(dtype)),
     )
-    return measure, probes.astype(dtype)
+    # one check of the probes and the model's parameters, threaded through the probes
+    _, probes = check_finite_args(params=model.params, probes=probes.astype(dtype))
+    return measure, probes
 
 
 def _cotangent(cotangent, z_last):

@@ -11,7 +11,15 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _solver_options as opts
-from ._checks import as_float_array, check_beta, is_concrete
+from ._checks import (
+    as_float_array,
+    check_beta_in,
+    check_finite_args,
+    check_nonzero,
+    check_positive,
+    check_sizes,
+    is_concrete,
+)
 from ._custom_types import BetaLike, ScalarLike
 from ._field import AttentionField
 from ._kernels import AbstractAttentionKernel
@@ -147,6 +155,7 @@ def _check_features(features, mlp, d):
             )
         if features.dim != d:
             raise ValueError(f"`features` has d={features.dim} but `measure` has d={d}")
+        check_sizes(**{"features:M features": features.heads})
     if mlp is not None:
         if not isinstance(mlp, MLPParams):
             raise TypeError(f"`mlp` must be an MLPParams or None, got {type(mlp).__name__}")
@@ -156,6 +165,7 @@ def _check_features(features, mlp, d):
             )
         if mlp.dim != d:
             raise ValueError(f"`mlp` has d={mlp.dim} but `measure` has d={d}")
+        check_sizes(**{"mlp:M' features": mlp.W1.shape[0]})
 
 
 def _build(features, measure, beta, heads, mlp, activation, drift, kernel, test_positions):
@@ -163,13 +173,16 @@ def _build(features, measure, beta, heads, mlp, activation, drift, kernel, test_
         raise TypeError("`measure` must be an EmpiricalMeasure with (n, d) points")
     _check_features(features, mlp, measure.dim)
     resolve_activation(activation)
-    check_beta(beta)
     if is_concrete(heads) and not float(heads) > 0:
         raise ValueError(f"`heads` must be positive, got {heads}")
     dtypes = [measure.points.dtype]
     dtypes += [] if features is None else [features.dtype]
     dtypes += [] if mlp is None else [mlp.dtype]
     dtype = jnp.result_type(*dtypes)
+    beta = check_beta_in(beta, dtype)
+    if isinstance(drift, AttentionParams):
+        drift = ParamPath(drift)
+    features, mlp, drift = check_finite_args(features=features, mlp=mlp, drift=drift)
     measure = eqx.tree_at(
         lambda m: (m.points, m.weights),
         measure,
@@ -178,8 +191,6 @@ def _build(features, measure, beta, heads, mlp, activation, drift, kernel, test_
     field = AttentionField(beta, kernel)
     drift_vf = None
     if drift is not None:
-        if isinstance(drift, AttentionParams):
-            drift = ParamPath(drift)
         if not isinstance(drift, ParamPath):
             raise TypeError(
                 f"`drift` must be a ParamPath, an AttentionParams grid or None, got "
@@ -278,8 +289,16 @@ def solve_sde(
     **Returns:** an [`mfattn.SDESolution`][].
 
     **Raises:** `ValueError`/`TypeError` for missing noise features or
-    mismatched shapes.
+    mismatched shapes, no features (`M = 0`), a `solver` that is not a Diffrax
+    solver, a non-positive `dt0`, `max_steps` or `brownian_tol`; a NaN or inf
+    in `features`, `mlp`, `drift`, `test_points` or `tangent`, or a zero
+    `tangent`, raise naming the argument (a `ValueError` for concrete values,
+    `equinox.EquinoxRuntimeError` inside `jit`).
     """
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(f"`solver` must be a diffrax solver, got {type(solver).__name__}")
+    dt0 = opts.check_dt0(dt0)
+    max_steps = opts.check_max_steps(max_steps)
     sde, dtype = _build(
         features, measure, beta, heads, mlp, activation, drift, kernel, test_positions
     )
@@ -290,6 +309,7 @@ def solve_sde(
         Z0 = as_float_array(test_points, "test_points", ndim=2).astype(dtype)
         if Z0.shape[1] != d:
             raise ValueError(f"`test_points` has dimension {Z0.shape[1]}, expected d={d}")
+        Z0 = check_finite_args(test_points=Z0)
     N = n + Z0.shape[0]
     Y0 = jnp.concatenate([X0, Z0], axis=0)
     if saveat is not None:
@@ -307,7 +327,10 @@ def solve_sde(
         if not (is_concrete(dt0) and is_concrete(t1)):
             raise ValueError("pass a static `max_steps` when `dt0` or `t1` is traced")
         max_steps = int(math.ceil(float(t1) / float(dt0) * (1 + 1e-9))) + 2
-    tol = jnp.asarray(t1, dtype) / 2**14 if brownian_tol is None else brownian_tol
+    if brownian_tol is None:
+        tol = jnp.asarray(t1, dtype) / 2**14
+    else:
+        tol = check_positive(brownian_tol, "brownian_tol")
     K = sum(_num_features(f) for f in (features, mlp) if f is not None)
     shape = jax.ShapeDtypeStruct((K,), dtype)
     bm = diffrax.VirtualBrownianTree(0.0, t1, tol, shape, key, levy_area=_levy_area(solver))
@@ -317,6 +340,10 @@ def solve_sde(
         tangent = as_float_array(tangent, "tangent", ndim=2).astype(dtype)
         if tangent.shape != (n, d):
             raise ValueError(f"`tangent` must have shape {(n, d)}, got {tangent.shape}")
+        tangent = check_finite_args(tangent=tangent)
+        tangent = check_nonzero(
+            tangent, "tangent", "the linearised flow of a zero tangent has no growth rate"
+        )
         families = [(_tangent(fn, n, N), feats, scale) for fn, feats, scale in families]
         drift_fn = _tangent(sde.drift, n, N)
     stratonovich = isinstance(solver, diffrax.AbstractStratonovichSolver)
@@ -419,6 +446,7 @@ def noise_covariance(
     d = measure.dim
     x = as_float_array(x, "x").astype(dtype)
     y = x if y is None else as_float_array(y, "y").astype(dtype)
+    x, y = check_finite_args(x=x, y=y)
     for name, a in (("x", x), ("y", y)):
         if a.shape[-1:] != (d,):
             raise ValueError(f"`{name}` must end with d={d}, got shape {a.shape}")

@@ -44,6 +44,17 @@ def check_dt0(dt0):
     return dt0
 
 
+def check_tolerance(tol, name):
+    """`rtol`/`atol`: `None` or a non-negative finite number (a NaN tolerance
+    would make every step fail until `max_steps`)."""
+    if tol is None:
+        return None
+    if isinstance(tol, (int, float, np.floating, np.integer)) and not isinstance(tol, bool):
+        if not np.isfinite(tol) or tol < 0:
+            raise ValueError(f"`{name}` must be a non-negative finite number, got {tol!r}")
+    return tol
+
+
 def controller(
     solver, rtol=None, atol=None, stepsize_controller=None, dt0=None, jumps=None, default_tols=None
 ):
@@ -54,6 +65,8 @@ def controller(
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"`solver` must be a diffrax solver, got {type(solver).__name__}")
     check_dt0(dt0)
+    check_tolerance(rtol, "rtol")
+    check_tolerance(atol, "atol")
     if stepsize_controller is not None:
         if rtol is not None or atol is not None:
             raise ValueError("pass `rtol`/`atol` or `stepsize_controller`, not both")

@@ -276,6 +276,10 @@ def train(
     """
     if not isinstance(model, AbstractModel):
         raise TypeError(f"`model` must be an mfattn model, got {type(model).__name__}")
+    if not all(callable(getattr(optimizer, f, None)) for f in ("init", "update")):
+        raise TypeError(
+            f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
     num_steps = check_count(num_steps, "num_steps", 0)
     batch_size = check_count(batch_size, "batch_size", 1)
     steps_per_call = check_count(steps_per_call, "steps_per_call", 1)
