@@ -73,8 +73,9 @@ def attention_flow(
     params: AttentionParams | ParamPath,
     measure: EmpiricalMeasure,
     beta: BetaLike,
-    ts: Float[ArrayLike, " T"] | Sequence[float],
+    ts: Float[ArrayLike, " T"] | Sequence[float] | None = None,
     *,
+    saveat: diffrax.SaveAt | None = None,
     test_points: Float[ArrayLike, "m d"] | None = None,
     test_positions=None,
     geometry: AbstractGeometry | str | None = None,
@@ -112,6 +113,7 @@ def attention_flow(
       `geometry=Sphere()` the points are first projected on the sphere.
     - `beta`: inverse temperature (ignored by [`mfattn.HardmaxKernel`][]).
     - `ts`: increasing save times `(T,)`; the flow starts at `ts[0]`.
+      `saveat=diffrax.SaveAt(ts=...)` is the same (give one of them).
     - `test_points`, `test_positions`: optional `(m, d)` test particles,
       zero-weight queries carried by the tokens' field without acting on it
       (as in the solvers); then a [`mfattn.Solution`][] with `ts`, `xs`,
@@ -142,6 +144,16 @@ def attention_flow(
     check_sizes(**{"params:H (heads)": path.params.heads})
     # NaN parameters would otherwise surface as "the maximum number of steps was reached"
     path = eqx.tree_at(lambda q: q.params, path, check_finite_args(params=path.params))
+    if saveat is not None:
+        if ts is not None:
+            raise TypeError("pass `ts` or `saveat`, not both")
+        if not isinstance(saveat, diffrax.SaveAt):
+            raise TypeError(f"`saveat` must be a diffrax.SaveAt, got {type(saveat).__name__}")
+        if saveat.subs.t0 or saveat.subs.t1 or saveat.subs.ts is None:
+            raise ValueError("`saveat` must give `ts` only: the flow starts at `ts[0]`")
+        ts = saveat.subs.ts
+    if ts is None:
+        raise TypeError("pass the save times `ts` (or `saveat=diffrax.SaveAt(ts=...)`)")
     ts = as_float_array(ts, "ts", ndim=1)
     if ts.shape[0] < 1:
         raise ValueError("`ts` must hold at least one time")

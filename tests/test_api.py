@@ -93,7 +93,7 @@ def test_forward_only_kernel_in_forward_paths(getkey):
         """Attention divided by n instead of the partition function (forward only)."""
 
         def forward(self, q, k, v, w, beta, qpos=None, kpos=None):
-            e = jnp.exp(beta * jnp.einsum("hmk,hnk->hmn", q, k)) * w
+            e = jnp.exp(beta * jnp.einsum("hmk,hnk->hmn", q, k)) * w[None, None, :]
             return jnp.einsum("hmn,hnk->hmk", e, v), jnp.zeros(q.shape[:-1], q.dtype)
 
         def backward(self, *args, **kwargs):
@@ -262,6 +262,8 @@ def test_attention_flow_test_particles_do_not_act(getkey):
     # a test particle placed on a token follows it
     on = mfattn.attention_flow(layer, measure, 1.0, ts, test_points=measure.points[:1])
     assert rel_err(on.test_xs[:, 0], on.xs[:, 0]) < 1e-7
+    same = mfattn.attention_flow(layer, measure, 1.0, saveat=diffrax.SaveAt(ts=ts))
+    assert rel_err(same, alone) == 0.0
     euler = mfattn.attention_flow(layer, measure, 1.0, ts, solver=diffrax.Euler(), dt0=1e-3)
     assert rel_err(euler, alone) < 1e-2
 
