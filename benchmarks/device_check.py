@@ -305,6 +305,8 @@ def part_env(rec: PartRecord, dry_run: bool) -> None:
                 "cpu_devices": len(jax.devices("cpu")),
             },
         )
+        with contextlib.suppress(Exception):
+            rec.set("jax_environment_info", jax.print_environment_info(return_string=True))
     except Exception as e:
         rec.set("jax", rec.error("jax", e))
     torch, device, note = _torch(require_cuda=False)
