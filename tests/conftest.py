@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# as Diffrax's and Equinox's tests: an implicit broadcast between arrays of
+# different ranks is an error (write the unit axes: `w[None, :]`)
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture

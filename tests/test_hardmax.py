@@ -109,11 +109,13 @@ def test_backward_against_autodiff_and_finite_differences(getkey):
     c = jnp.asarray(rng.standard_normal(q.shape))
     u = jnp.asarray(rng.uniform(0.1, 1.0, 6))
     # cotangent convention: d/dv_j sum_i u_i <c_i, o_i> = w_j dv_j (dk likewise)
-    objective = jax.jit(lambda q, k, v: jnp.sum(u[:, None] * c * hardmax_forward(q, k, v, w)[0]))
+    objective = jax.jit(
+        lambda q, k, v: jnp.sum(u[None, :, None] * c * hardmax_forward(q, k, v, w)[0])
+    )
     gq, gk, gv = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(q, k, v)
     o, aux = _forward(q, k, v, w)
     dq, dk, dv = _backward(q, k, v, w, aux, c, u)
-    assert rel_err(dv * w[:, None], gv) < 1e-13
+    assert rel_err(dv * w[None, :, None], gv) < 1e-13
     assert np.all(np.asarray(dq) == 0) and np.all(np.asarray(dk) == 0)
     assert np.all(np.asarray(gq) == 0) and np.all(np.asarray(gk) == 0)
     # finite differences: moving queries and keys by 1e-6 changes no argmax here
@@ -126,7 +128,7 @@ def test_backward_against_autodiff_and_finite_differences(getkey):
         assert float(objective(*plus) - objective(*args)) == pytest.approx(0.0, abs=1e-15)
     e = rng.standard_normal(v.shape)
     fd = (objective(q, k, v + eps * e) - objective(q, k, v - eps * e)) / (2 * eps)
-    assert float(fd) == pytest.approx(float(np.sum(w[:, None] * dv * e)), rel=1e-8)
+    assert float(fd) == pytest.approx(float(np.sum(w[None, :, None] * dv * e)), rel=1e-8)
 
 
 def test_field_with_hardmax_kernel(getkey):
@@ -176,7 +178,7 @@ def test_hardmax_flow_closed_form():
         atol=1e-12,
     )
     e = np.exp(np.asarray(ts))[:, None]
-    exact = np.stack([x1 + 2 * x1 * (e - 1), 2 * x1 * e], axis=1)
+    exact = np.stack([x1[None, :] + 2 * x1[None, :] * (e - 1), 2 * x1[None, :] * e], axis=1)
     assert rel_err(xs, exact) < 1e-9
 
 

@@ -27,11 +27,11 @@ def reference(q, k, v, w, beta, qpos, kpos, *, causal, strict, slope, normalized
     s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
     if slope is not None:
         n = jnp.sum(w > 0)
-        s = s - slope * jnp.abs(qpos[:, None] - kpos[None, :]) / n
+        s = s - (slope * jnp.abs(qpos[:, None] - kpos[None, :]) / n)[None]
     vis = jnp.ones(s.shape[-2:], bool)
     if causal:
         vis = kpos[None, :] < qpos[:, None] if strict else kpos[None, :] <= qpos[:, None]
-    e = jnp.where(vis, jnp.exp(s), 0.0) * w
+    e = jnp.where(vis, jnp.exp(s), 0.0) * w[None, None, :]
     num = jnp.einsum("hmn,hnk->hmk", e, v)
     if not normalized:
         return num
@@ -118,12 +118,12 @@ def test_backward_matches_vjp_of_reference(getkey, name):
 
     def key_side(w):
         _, pull = jax.vjp(lambda k, v: ref(q, k, v, w), k, v)
-        return pull(c * u[:, None])
+        return pull(c * u[None, :, None])
 
     gk, gv = key_side(w)
     atoms = w > 0
-    assert rel_err(dk[:, atoms], gk[:, atoms] / w[atoms][:, None]) < 1e-11
-    assert rel_err(dv[:, atoms], gv[:, atoms] / w[atoms][:, None]) < 1e-11
+    assert rel_err(dk[:, atoms], gk[:, atoms] / w[atoms][None, :, None]) < 1e-11
+    assert rel_err(dv[:, atoms], gv[:, atoms] / w[atoms][None, :, None]) < 1e-11
     for j in np.flatnonzero(~np.asarray(atoms)):
         ej = jnp.zeros_like(w).at[j].set(1.0)
         _, (tk, tv) = jax.jvp(key_side, (w,), (ej,))
@@ -277,7 +277,7 @@ def test_unnormalized_is_the_exponential_kernel(getkey):
     x, w = measure.points, measure.weights
     E = jnp.exp(1.5 * x @ x.T)
     field = mfattn.AttentionField(1.5, mfattn.UnnormalizedKernel())
-    assert rel_err(field.velocity(x, measure, layer), (E * w) @ x) < 1e-13
+    assert rel_err(field.velocity(x, measure, layer), (E * w[None, :]) @ x) < 1e-13
     softmax = mfattn.AttentionField(1.5, mfattn.DenseKernel()).velocity(x, measure, layer)
     assert rel_err(field.velocity(x, measure, layer), softmax * (E @ w)[:, None]) < 1e-13
 
@@ -292,7 +292,7 @@ class TinyForwardKernel(mfattn.AbstractForwardOnlyKernel):
 
     def forward(self, q, k, v, w, beta, qpos=None, kpos=None):
         s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
-        a = jax.nn.softmax(s + jnp.log(w), axis=-1)
+        a = jax.nn.softmax(s + jnp.log(w)[None, None, :], axis=-1)
         return jnp.einsum("hmn,hnk->hmk", a, v), jnp.zeros(s.shape[:-1])
 
 
@@ -336,8 +336,9 @@ def test_forward_only_kernel(getkey):
 
 def _softmax_matrix(layer, measure, beta, vis=None, bias=0.0):
     x, w = measure.points, measure.weights
-    s = beta * jnp.einsum("hik,hjk->hij", x @ layer.Q, x @ layer.K) + bias
-    e = w * jnp.exp(s)
+    s = beta * jnp.einsum("hik,hjk->hij", x @ layer.Q, x @ layer.K)
+    s = s + jnp.broadcast_to(bias, s.shape)
+    e = w[None, None, :] * jnp.exp(s)
     if vis is not None:
         e = jnp.where(vis, e, 0.0)
     D = e.sum(-1, keepdims=True)
@@ -387,7 +388,7 @@ def test_attention_weights_other_kernels(getkey):
     assert rel_err(P, jax.nn.one_hot(jnp.argmax(s, -1), 6)) == 0.0
     # unnormalised: w_j exp(s_ij), rows not normalised
     P = mfattn.attention_weights(layer, measure, 1.5, kernel=mfattn.UnnormalizedKernel())
-    assert rel_err(P, w * jnp.exp(1.5 * s)) < 1e-13
+    assert rel_err(P, w[None, None, :] * jnp.exp(1.5 * s)) < 1e-13
     # sharded: the one-device matrix
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("tokens",))
     inner = mfattn.DenseKernel(causal=True, alibi_slope=0.5)

@@ -127,7 +127,7 @@ def test_adjoint_bracket_matches_autodiff_at_beta_1e4(getkey, kind):
     d, k, H, n = 3, 2, 2, 9
     layer = _layer(getkey(), d, k, H)
     centre = jnp.array([1.0, 0.0, 0.0])
-    X = centre + 3e-4 * jax.random.normal(getkey(), (n, d))
+    X = centre[None, :] + 3e-4 * jax.random.normal(getkey(), (n, d))
     w = jax.random.uniform(getkey(), (n,), minval=0.2, maxval=1.0)
     w = w / w.sum()
     P = jax.random.normal(getkey(), (n, d))

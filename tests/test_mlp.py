@@ -35,7 +35,7 @@ def test_mlp_backward_matches_autodiff(getkey, activation):
         p = jax.random.normal(kp, (n, d))
         u = jax.random.uniform(ku, (n,))
         f = lambda phi, x: mfattn.mlp_forward(phi, x, activation)
-        formula = sigma(x @ phi.W1 + phi.b1) @ phi.W2
+        formula = sigma(x @ phi.W1 + phi.b1[None, :]) @ phi.W2
         dx, grads = mfattn.mlp_backward(phi, x, p, u, activation)
         # grad_x F(x_i)^T p_i, one point at a time
         jac = jax.vmap(jax.jacfwd(lambda xi: f(phi, xi)))(x)  # (n, d, d)
@@ -109,7 +109,7 @@ def _reference_loss(params, mlp, points, weights, loss, beta, h, activation):
     for l in range(params.depth):
         mu = mfattn.EmpiricalMeasure(x, weights)
         v = field.velocity(x, mu, params.layer(l))
-        v = v + sigma(x @ mlp.W1[l] + mlp.b1[l]) @ mlp.W2[l]
+        v = v + sigma(x @ mlp.W1[l] + mlp.b1[l][None, :]) @ mlp.W2[l]
         x = x + h * v
     return loss(mfattn.EmpiricalMeasure(x, weights))
 
