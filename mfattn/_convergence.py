@@ -240,8 +240,13 @@ def bias_fluctuation(samples, reference) -> BiasFluctuation:
     def err(a, b):
         return sum(jnp.linalg.norm(x - y, axis=-1) for x, y in zip(a, b))
 
-    total = jnp.max(err(samples, reference), axis=axes) if axes else err(samples, reference)
-    fluct = jnp.max(err(samples, means), axis=axes) if axes else err(samples, means)
+    def one_sample(c):
+        """`(1, *reference.shape)`: the sample axis written out against `samples`."""
+        return tuple(y[None] for y in c)
+
+    vs_ref, vs_means = err(samples, one_sample(reference)), err(samples, one_sample(means))
+    total = jnp.max(vs_ref, axis=axes) if axes else vs_ref
+    fluct = jnp.max(vs_means, axis=axes) if axes else vs_means
     bias = jnp.max(err(means, reference))
     noise = jnp.max(
         sum(jnp.sqrt(jnp.sum(jnp.var(a, axis=0, ddof=1), axis=-1) / R) for a in samples)
