@@ -67,7 +67,7 @@ def test_dependent_examples_are_at_rounding_level(getkey, radius):
     base = _normal(getkey(), (n, d))
     w = _uniform(getkey(), (n,), minval=0.2, maxval=1.0)
     shifts = 2.0 * _normal(getkey(), (N, 1, d))
-    cases["translates"] = (_batch(base + shifts, jnp.broadcast_to(w / w.sum(), (N, n))), 6.0)
+    cases["translates"] = (_batch(base[None] + shifts, jnp.broadcast_to(w / w.sum(), (N, n))), 6.0)
     A = _normal(getkey(), (d, d))
     cov = A @ A.T / d + 0.1 * jnp.eye(d)
     means = _normal(getkey(), (N, 1, d))
@@ -95,7 +95,7 @@ def test_gaussians_with_distinct_covariances(getkey):
     q = d * (d + 1) // 2
     for N, dependent in [(q, False), (q + 1, True)]:
         A = _normal(getkey(), (N, 1, d, d))
-        covs = A @ jnp.swapaxes(A, -1, -2) + 0.1 * jnp.eye(d)
+        covs = A @ jnp.swapaxes(A, -1, -2) + 0.1 * jnp.eye(d)[None, None]
         law = mfattn.GaussianMixtureLaw(_normal(getkey(), (N, 1, d)), covs)
         s = mfattn.lse_independence(law, getkey(), radius=1.0)
         scale = 3.0 + float(jnp.max(jnp.abs(covs)))
@@ -132,7 +132,7 @@ def test_modulo_constants(getkey):
     d = 2
     diracs = _batch(_normal(getkey(), (d, 1, d)))
     base = _normal(getkey(), (6, d))
-    translates = _batch(base + _normal(getkey(), (d + 1, 1, d)))
+    translates = _batch(base[None] + _normal(getkey(), (d + 1, 1, d)))
     for meas in (diracs, translates):
         aff = mfattn.lse_independence(meas, getkey())
         const = mfattn.lse_independence(meas, getkey(), modulo="constants")
@@ -158,7 +158,7 @@ def test_coefficients_give_the_dependence(getkey):
     coefficients with `sum_a c_a = 0`."""
     N = 5
     base = _normal(getkey(), (6, 2))
-    meas = _batch(base + _normal(getkey(), (N, 1, 2)))
+    meas = _batch(base[None] + _normal(getkey(), (N, 1, 2)))
     s, V = mfattn.lse_independence(meas, getkey(), return_coefficients=True)
     assert V.shape == (N, N)
     null = V[:, 1:]
@@ -259,7 +259,7 @@ def test_limit_kernel_at_mean_field_init(getkey):
     model = mfattn.MeanFieldTransformer(grid, 1.0, rtol=1e-10, atol=1e-12)
     z = jnp.array([[0.8, -0.5]])
     base = _normal(getkey(), (n, d))
-    translates = _batch(base + 0.7 * _normal(getkey(), (N, 1, d)))
+    translates = _batch(base[None] + 0.7 * _normal(getkey(), (N, 1, d)))
     generic = _batch(_normal(getkey(), (N, n, d)))
     field = mfattn.AttentionField(1.0)
 
