@@ -110,6 +110,7 @@ def adversarial_sup(
             return e, vjp(jnp.ones_like(e))[0]  # points are independent: one pullback
 
     c0 = jnp.zeros(z.shape[1], z.dtype) if center is None else jnp.asarray(center, z.dtype)
+    c0 = jnp.reshape(c0, (1, -1))  # one row, broadcast explicitly against the points
 
     def project(z):
         r = jnp.linalg.norm(z - c0, axis=-1, keepdims=True)

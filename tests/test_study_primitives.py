@@ -99,7 +99,7 @@ def test_bias_fluctuation_identical_samples_and_gaussian_noise():
 def test_adversarial_sup_finds_the_farthest_point_of_the_ball():
     # max over |z| <= R of |z - a| is R + |a|, at -R a / |a|
     a = jnp.array([0.3, -0.2, 0.1])
-    err = lambda z: jnp.linalg.norm(z - a, axis=-1)
+    err = lambda z: jnp.linalg.norm(z - a[None, :], axis=-1)
     starts = jnp.array([[0.1, 0.0, 0.0], [0.0, 0.5, 0.2]])
     out = mfattn.adversarial_sup(err, starts, 2.0, steps=30, step_size=0.3)
     best = 2.0 + float(jnp.linalg.norm(a))
@@ -125,8 +125,8 @@ def test_adversarial_sup_restarts_escape_a_local_maximum():
     a, b = jnp.array([-0.5, 0.0]), jnp.array([0.6, 0.3])
 
     def err(z):
-        da = jnp.sum((z - a) ** 2, axis=-1)
-        db = jnp.sum((z - b) ** 2, axis=-1)
+        da = jnp.sum((z - a[None, :]) ** 2, axis=-1)
+        db = jnp.sum((z - b[None, :]) ** 2, axis=-1)
         return jnp.exp(-da) + 2.0 * jnp.exp(-db / 0.05)
 
     one = mfattn.adversarial_sup(err, jnp.array([[-0.4, -0.1]]), 1.0, steps=40, step_size=0.05)
