@@ -53,7 +53,7 @@ def _solve(model, measure, loss, z, zl, T):
         z,
         test_labels=zl,
         saveat=diffrax.SaveAt(ts=jnp.arange(T + 1) / T),
-        interpolation="constant",
+        interpolation=mfattn.PiecewiseConstant(),
     )
     return [np.asarray(a) for a in (sol.xs, sol.ps, sol.test_xs, sol.test_ps)]
 

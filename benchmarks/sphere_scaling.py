@@ -131,7 +131,7 @@ def limit_states(grid, measure, loss, z, zl, beta, L, geometry, rtol, atol, max_
         z,
         test_labels=zl,
         saveat=diffrax.SaveAt(ts=jnp.arange(L + 1) / L),
-        interpolation="constant",
+        interpolation=mfattn.PiecewiseConstant(),
         geometry=geometry,
         rtol=rtol,
         atol=atol,
@@ -145,9 +145,7 @@ def discrete_states(params, measure, loss, z, zl, beta, geometry):
     """`(R, L+1, m, d)` states and adjoints of the test particles, one model per init."""
 
     def one(p):
-        sol = mfattn.solve_discrete(
-            p, measure, loss, beta, z, test_labels=zl, geometry=geometry
-        )
+        sol = mfattn.solve_discrete(p, measure, loss, beta, z, test_labels=zl, geometry=geometry)
         return sol.test_xs, sol.test_ps
 
     return jax.vmap(one)(params)

@@ -43,6 +43,9 @@ from ._geometry import Sphere as Sphere
 from ._gradient_flow import GradientFlowField as GradientFlowField
 from ._gradient_flow import GradientFlowSolution as GradientFlowSolution
 from ._gradient_flow import gradient_flow as gradient_flow
+from ._interpolation import AbstractInterpolation as AbstractInterpolation
+from ._interpolation import PiecewiseConstant as PiecewiseConstant
+from ._interpolation import PiecewiseLinear as PiecewiseLinear
 from ._kernels import AbstractAttentionKernel as AbstractAttentionKernel
 from ._kernels import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._kernels import AutoKernel as AutoKernel

@@ -57,7 +57,7 @@ def antithetic_mean_field(
       `Phi_k(., t_j) # nu_0` in the limit `M -> oo`, but the Monte-Carlo errors
       of different nodes are independent and average out along depth, so a
       flow through `J` nodes sees about `J M` particles instead of `M`. Use it
-      with `interpolation="constant"`: linear interpolation between independent
+      with `interpolation=mfattn.PiecewiseConstant()`: linear interpolation between independent
       particles would not preserve the law between nodes.
     """
     if method is not None:
@@ -113,7 +113,7 @@ def flow_error(
     test_labels=None,
     *,
     test_positions=None,
-    interpolation: str = "linear",
+    interpolation=None,
     rtol: ScalarLike | None = None,
     atol: ScalarLike | None = None,
     max_steps: int = 4096,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,9 @@ def train_coupled(
         key, sub = jax.random.split(key)
         measures, losses = sampler(sub, batch_size)
         model = limit.with_params(lim)
-        sols = jax.vmap(lambda m, lo: model.solve(m, lo, ts=ts))(measures, losses)
+        sols = jax.vmap(lambda m, lo: model.solve(m, lo, saveat=diffrax.SaveAt(ts=ts)))(
+            measures, losses
+        )
         g = jax.tree.map(lambda a: jnp.mean(a, axis=0), sols.grads)
         upd, lstate = optimizer.update(g, lstate, lim)
         new_lim = optax.apply_updates(lim, upd)

@@ -17,6 +17,7 @@ from ._custom_types import BetaLike
 from ._euler import euler_adjoint, euler_forward
 from ._field import AttentionField
 from ._geometry import AbstractGeometry, as_geometry, is_sphere
+from ._interpolation import PiecewiseConstant
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss, terminal_condition
 from ._measure import EmpiricalMeasure, check_measure
@@ -97,7 +98,7 @@ def discrete_vector_field(
 ) -> AttentionVectorField:
     """The vector field of the `L`-layer model: the field on the
     piecewise-constant path whose `J = L` nodes are the layers."""
-    path = ParamPath(params, interpolation="constant")
+    path = ParamPath(params, interpolation=PiecewiseConstant())
     return AttentionVectorField(
         field, path, measure, test_positions, geometry, mlp, activation, probes
     )

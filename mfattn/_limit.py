@@ -18,6 +18,7 @@ from ._custom_types import BetaLike, ScalarLike
 from ._discrete import check_model_inputs
 from ._field import AttentionField
 from ._geometry import AbstractGeometry, as_geometry, is_sphere
+from ._interpolation import AbstractInterpolation
 from ._kernels import AbstractAttentionKernel
 from ._loss import AbstractLoss
 from ._measure import EmpiricalMeasure
@@ -30,7 +31,7 @@ from ._vector_field import AdjointVectorField, AttentionVectorField
 _DENSE_ADJOINTS = (diffrax.RecursiveCheckpointAdjoint, diffrax.DirectAdjoint)
 
 
-def as_path(params, times=None, interpolation="linear", name="params") -> ParamPath:
+def as_path(params, times=None, interpolation=None, name="params") -> ParamPath:
     """Accept an [`mfattn.ParamPath`][] or an `AttentionParams` grid."""
     if isinstance(params, ParamPath):
         if times is not None:
@@ -168,7 +169,7 @@ def limit_problem(
     test_labels=None,
     test_positions=None,
     times=None,
-    interpolation="linear",
+    interpolation=None,
     solver=None,
     rtol=None,
     atol=None,
@@ -259,7 +260,7 @@ def solve_limit(
     test_labels: Array | None = None,
     test_positions=None,
     times=None,
-    interpolation: str = "linear",
+    interpolation: AbstractInterpolation | str | None = None,
     solver: diffrax.AbstractSolver | None = None,
     rtol: ScalarLike | None = None,
     atol: ScalarLike | None = None,
@@ -435,7 +436,7 @@ def limit_gradient(
     adjoint: AbstractLimitAdjoint | diffrax.AbstractAdjoint | None = None,
     method=None,
     times=None,
-    interpolation: str = "linear",
+    interpolation: AbstractInterpolation | str | None = None,
     solver: diffrax.AbstractSolver | None = None,
     rtol: ScalarLike | None = None,
     atol: ScalarLike | None = None,

@@ -13,6 +13,7 @@ from ._checks import check_beta
 from ._discrete import solve_discrete
 from ._field import AttentionField
 from ._geometry import AbstractGeometry, Euclidean, Sphere, as_geometry
+from ._interpolation import AbstractInterpolation, as_interpolation
 from ._kernels import AbstractAttentionKernel
 from ._params import AttentionParams
 from ._residual import AbstractResidualScaling, InverseDepth, as_residual_scaling
@@ -150,7 +151,7 @@ class MeanFieldTransformer(AbstractModel):
     params: AttentionParams
     beta: Float[Array, ""]
     times: object
-    interpolation: str = eqx.field(static=True)
+    interpolation: AbstractInterpolation
     rtol: float | None = eqx.field(static=True)
     atol: float | None = eqx.field(static=True)
     max_steps: int | None = eqx.field(static=True)
@@ -168,7 +169,7 @@ class MeanFieldTransformer(AbstractModel):
         params: AttentionParams,
         beta,
         times=None,
-        interpolation: str = "linear",
+        interpolation: AbstractInterpolation | str | None = None,
         rtol: float | None = None,
         atol: float | None = None,
         max_steps: int | None = opts.MAX_STEPS,
@@ -186,7 +187,7 @@ class MeanFieldTransformer(AbstractModel):
         self.params = params
         self.beta = _as_beta(beta)
         self.times = times
-        self.interpolation = interpolation
+        self.interpolation = as_interpolation(interpolation)
         self.rtol = rtol
         self.atol = atol
         self.max_steps = opts.check_max_steps(max_steps)

@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from ._field import AttentionField
 from ._geometry import AbstractGeometry, Euclidean, Sphere, as_geometry
+from ._interpolation import PiecewiseConstant
 from ._measure import EmpiricalMeasure
 from ._mlp import Activation, MLPParams, mlp_backward, mlp_forward
 from ._params import AttentionParams
@@ -80,7 +81,7 @@ class AttentionVectorField(eqx.Module):
         self.probes = probes
 
     def __check_init__(self):
-        if self.mlp is not None and self.path.interpolation != "constant":
+        if self.mlp is not None and not isinstance(self.path.interpolation, PiecewiseConstant):
             raise ValueError("MLP blocks need a piecewise-constant path (one block per node)")
 
     @property

@@ -87,7 +87,7 @@ def test_models_are_callable_forward_only(getkey):
 
 def test_forward_only_kernel_in_forward_paths(getkey):
     """A kernel with a forward pass only runs every forward-only path."""
-    params, measure, loss = _case(getkey)
+    params, measure, loss = _case(getkey, L=1)  # unnormalised attention grows: one layer
 
     class Unnormalised(mfattn.DenseKernel):
         """Attention divided by n instead of the partition function (forward only)."""
@@ -135,6 +135,17 @@ def test_geometry_and_scaling_objects_and_their_old_spellings(getkey):
     with pytest.raises(TypeError, match="geometry"):
         mfattn.solve_discrete(params, measure, loss, 1.0, geometry=mfattn.InverseDepth())
     assert isinstance(mfattn.ClosedFormAdjoint(), mfattn.AbstractLimitAdjoint)
+    with pytest.warns(DeprecationWarning, match="PiecewiseConstant"):
+        old_path = mfattn.ParamPath(params, interpolation="constant")
+    path = mfattn.ParamPath(params, interpolation=mfattn.PiecewiseConstant())
+    assert old_path.interpolation == path.interpolation and path.interpolation.name == "constant"
+    assert tree_allclose(path(0.3), params.layer(1))  # t in [1/4, 2/4): the second layer
+    assert np.allclose(path.basis_integrals(), 0.25)
+    hat = mfattn.ParamPath(params)  # piecewise linear on t_j = j / 3
+    assert isinstance(hat.interpolation, mfattn.PiecewiseLinear)
+    mid = jax.tree.map(lambda a: 0.5 * (a[1] + a[2]), params)
+    assert tree_allclose(hat(0.5), mid)
+    assert np.allclose(hat.basis(0.5), [0.0, 0.5, 0.5, 0.0])
 
 
 def test_sphere_with_mlp_and_sqrt_scaling_matches_autodiff(getkey):
@@ -167,7 +178,7 @@ def test_limit_euler_is_the_discrete_model(getkey, L):
     params, measure, loss = _case(getkey, L=L)
     z = jax.random.normal(getkey(), (2, 3))
     disc = mfattn.solve_discrete(params, measure, loss, 1.0, z)
-    path = mfattn.ParamPath(params, interpolation="constant")
+    path = mfattn.ParamPath(params, interpolation=mfattn.PiecewiseConstant())
     if L == 8:  # node times l/8 are exact in floating point
         steps = dict(stepsize_controller=diffrax.ConstantStepSize(), dt0=1 / L)
     else:

@@ -64,7 +64,7 @@ def test_antithetic_variants_keep_the_law_and_the_pairs(getkey, method):
     # the limit does not move at initialisation, node by node
     measure = random_measure(getkey(), 5, 3)
     loss = mfattn.DenoisingLoss(jax.random.normal(getkey(), (5, 3)))
-    sol = mfattn.solve_limit(grid, measure, loss, 1.0, interpolation="constant")
+    sol = mfattn.solve_limit(grid, measure, loss, 1.0, interpolation=mfattn.PiecewiseConstant())
     assert rel_err(sol.xs[-1], measure.points) < 1e-12
     with pytest.raises(ValueError, match="sampling"):
         mfattn.antithetic_mean_field(key, 3, 16, 3, 2, sampling="halton")
@@ -86,7 +86,7 @@ def test_flow_error_is_differentiable_in_the_test_points(getkey):
     params = mfattn.AttentionParams.xavier_uniform(getkey(), 2, 3, 3, 2)
     grid = mfattn.AttentionParams.mean_field(getkey(), 2, 4, 3, 2)
     z = jax.random.normal(getkey(), (2, 3))
-    kw = dict(interpolation="constant", rtol=1e-10, atol=1e-10)
+    kw = dict(interpolation=mfattn.PiecewiseConstant(), rtol=1e-10, atol=1e-10)
     f = jax.jit(
         lambda z: jnp.sum(mfattn.flow_error(params, grid, measure, loss, 1.0, z, z * 0, **kw))
     )

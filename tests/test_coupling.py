@@ -14,7 +14,9 @@ import mfattn
 def _setup(key, J=2, M=4, n=5, d=2, k=2):
     task = mfattn.DenoisingTask(dim=d, num_tokens=n, num_clusters=2)
     grid = mfattn.AttentionParams.xavier_uniform(key, J, M, d, k)
-    limit = mfattn.MeanFieldTransformer(grid, 1.0, interpolation="constant", rtol=1e-9, atol=1e-11)
+    limit = mfattn.MeanFieldTransformer(
+        grid, 1.0, interpolation=mfattn.PiecewiseConstant(), rtol=1e-9, atol=1e-11
+    )
     return task, limit
 
 

@@ -194,7 +194,7 @@ def test_discrete_model_is_euler_on_the_vector_field(getkey):
     params, measure, loss, _ = _problem(getkey(), L=4)
     field = mfattn.AttentionField(2.0)
     vf = mfattn.AttentionVectorField(
-        field, mfattn.ParamPath(params, interpolation="constant"), measure
+        field, mfattn.ParamPath(params, interpolation=mfattn.PiecewiseConstant()), measure
     )
     x = measure.points
     for l in range(4):

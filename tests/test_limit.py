@@ -79,14 +79,16 @@ def test_discrete_is_explicit_euler_order_one(getkey):
 
 def test_piecewise_constant_path_recovers_discrete_params(getkey):
     params = mfattn.AttentionParams.xavier_uniform(getkey(), 4, 3, 3, 2)
-    path = mfattn.ParamPath(params, interpolation="constant")
+    path = mfattn.ParamPath(params, interpolation=mfattn.PiecewiseConstant())
     for l in range(4):
         for t in (l / 4, l / 4 + 0.1):
             assert tree_rel_err(path(t), params.layer(l)) == 0.0
     # and the limit with constant interpolation is close to the discrete model
     measure = random_measure(getkey(), 5, 3)
     loss = mfattn.DenoisingLoss(jax.random.normal(getkey(), (5, 3)))
-    lim = mfattn.solve_limit(params, measure, loss, 1.0, interpolation="constant", **TIGHT)
+    lim = mfattn.solve_limit(
+        params, measure, loss, 1.0, interpolation=mfattn.PiecewiseConstant(), **TIGHT
+    )
     assert lim.grads.Q.shape == params.Q.shape
     # Euler with r sub-steps per layer converges to it at rate 1/r
     errs = []

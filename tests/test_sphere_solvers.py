@@ -69,7 +69,9 @@ def test_projected_bracket_is_the_vjp_of_the_projected_field(getkey, kernel):
     P = jax.random.normal(getkey(), (n, d))
     PZ = jax.random.normal(getkey(), (m, d))
     field = mfattn.AttentionField(3.0, KERNELS[kernel])
-    path = mfattn.ParamPath(jax.tree.map(lambda a: a[None], layer), interpolation="constant")
+    path = mfattn.ParamPath(
+        jax.tree.map(lambda a: a[None], layer), interpolation=mfattn.PiecewiseConstant()
+    )
 
     def vector_field(measure):
         return mfattn.AttentionVectorField(field, path, measure, geometry=mfattn.Sphere())

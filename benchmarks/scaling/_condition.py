@@ -77,7 +77,7 @@ def _limit_eval(grid, measure, loss, z, zl, beta, kernel, T):
         z,
         test_labels=zl,
         saveat=diffrax.SaveAt(ts=jnp.arange(T + 1) / T),
-        interpolation="constant",
+        interpolation=mfattn.PiecewiseConstant(),
         kernel=kernel,
     )
     return sol.test_xs, sol.test_ps
@@ -223,7 +223,7 @@ class Condition:
     def limit_model(self, nodes, particles, key):
         grid = tied_init(key, nodes, particles, self.dim, self.cfg.head_dim)
         return mfattn.MeanFieldTransformer(
-            grid, self.cfg.beta, interpolation="constant", kernel=self.kernel
+            grid, self.cfg.beta, interpolation=mfattn.PiecewiseConstant(), kernel=self.kernel
         )
 
     def discrete_inits(self, L, H):
