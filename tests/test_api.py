@@ -213,7 +213,11 @@ def test_fixed_step_solver_needs_dt0(getkey):
 
 @pytest.mark.parametrize(
     "adjoint",
-    [diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint(), diffrax.BacksolveAdjoint()],
+    [
+        diffrax.RecursiveCheckpointAdjoint(),
+        pytest.param(diffrax.DirectAdjoint(), marks=pytest.mark.slow),
+        diffrax.BacksolveAdjoint(),
+    ],
     ids=["recursive", "direct", "backsolve"],
 )
 def test_grad_through_solve_limit_with_every_diffrax_adjoint(getkey, adjoint):
@@ -232,22 +236,30 @@ def test_grad_through_solve_limit_with_every_diffrax_adjoint(getkey, adjoint):
     assert tree_rel_err(g, ref) < 1e-6
 
 
-def test_saveat_throw_progress_meter(getkey):
+def test_saveat_and_throw(getkey):
     params, measure, loss = _case(getkey)
     ts = jnp.array([0.0, 0.3, 1.0])
     sol = mfattn.solve_limit(params, measure, loss, 1.0, saveat=diffrax.SaveAt(ts=ts))
     assert sol.xs.shape == (3, 5, 3) and np.allclose(sol.ts, ts)
-    with pytest.warns(DeprecationWarning, match="saveat"):
-        old = mfattn.solve_limit(params, measure, loss, 1.0, ts=ts)
-    assert rel_err(old.xs, sol.xs) < 1e-14
     failed = mfattn.solve_limit(params, measure, loss, 1.0, max_steps=2, throw=False)
     assert not bool(diffrax.is_okay(failed.result))
     with pytest.raises(Exception, match="maximum number of solver steps"):
         mfattn.solve_limit(params, measure, loss, 1.0, max_steps=2)
+
+
+@pytest.mark.slow
+def test_old_ts_and_progress_meter(getkey):
+    params, measure, loss = _case(getkey)
+    ts = jnp.array([0.0, 0.3, 1.0])
+    sol = mfattn.solve_limit(params, measure, loss, 1.0, saveat=diffrax.SaveAt(ts=ts))
+    with pytest.warns(DeprecationWarning, match="saveat"):
+        old = mfattn.solve_limit(params, measure, loss, 1.0, ts=ts)
+    assert rel_err(old.xs, sol.xs) < 1e-14
     quiet = mfattn.solve_limit(params, measure, loss, 1.0, progress_meter=diffrax.NoProgressMeter())
     assert rel_err(quiet.xs, mfattn.solve_limit(params, measure, loss, 1.0).xs) < 1e-14
 
 
+@pytest.mark.slow
 def test_limit_gradient_strategies_agree(getkey):
     grid = random_params(getkey(), 3, 4, 3, 2)
     measure = random_measure(getkey(), 5, 3)
@@ -336,9 +348,14 @@ def test_train_with_a_custom_loss_with_a_scalar_field(getkey):
         mfattn.train(model, bad_sampler, opt, 2, getkey(), batch_size=3, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver, tol",
-    [(diffrax.Dopri5(), 1e-7), (diffrax.Heun(), 1e-4), (diffrax.Ralston(), 1e-4)],
+    [
+        (diffrax.Dopri5(), 1e-7),
+        pytest.param(diffrax.Heun(), 1e-4, marks=pytest.mark.slow),
+        pytest.param(diffrax.Ralston(), 1e-4, marks=pytest.mark.slow),
+    ],
     ids=["dopri5", "heun", "ralston"],
 )
 def test_limit_with_other_adaptive_solvers(getkey, solver, tol):

@@ -69,7 +69,9 @@ def test_nan_under_vmap_is_reported_as_nan():
 
 
 # ------------------------------------------------------------------ solve_sde
-@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize(
+    "value", [np.nan, pytest.param(np.inf, marks=pytest.mark.slow)], ids=["nan", "inf"]
+)
 def test_solve_sde_checks_features_drift_test_points_tangent(value):
     measure, _ = _problem()
     f = _layer()
@@ -165,11 +167,13 @@ def test_cluster_functions_check_points_and_weights():
 
 
 # ------------------------------------------------------------------- times=
+SLOW = pytest.mark.slow
 BAD_GRIDS = [
-    pytest.param([0.0, 0.7, 0.7, 1.0], "strictly increasing", id="repeated"),
-    pytest.param([0.0, 0.8, 0.5, 1.0], "strictly increasing", id="decreasing"),
-    pytest.param([0.1, 0.3, 0.6, 1.0], "start at 0", id="not-at-0"),
-    pytest.param([0.0, 0.3, 0.6, 0.9], "end at 1", id="not-at-1"),
+    pytest.param([0.0, 0.7, 0.7, 1.0], "strictly increasing", id="repeated", marks=SLOW),
+    # each grid compiles four solves: the other rules in the slow run
+    pytest.param([0.0, 0.8, 0.5, 1.0], "strictly increasing", id="decreasing", marks=SLOW),
+    pytest.param([0.1, 0.3, 0.6, 1.0], "start at 0", id="not-at-0", marks=SLOW),
+    pytest.param([0.0, 0.3, 0.6, 0.9], "end at 1", id="not-at-1", marks=SLOW),
     pytest.param([0.0, np.nan, 0.6, 1.0], "NaN", id="nan"),
 ]
 
@@ -228,6 +232,7 @@ def test_solve_discrete_beta_overflow_and_denormal():
         mfattn.solve_limit(p32, m32, loss, 1e39)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["discrete", "limit"])
 def test_zero_token_on_the_sphere(solver):
     x = _x()

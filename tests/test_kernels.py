@@ -204,6 +204,7 @@ def test_discrete_model_is_euler_on_the_vector_field(getkey):
     assert rel_err(sol.xs[-1], x) < 1e-13
 
 
+@pytest.mark.slow
 def test_renamed_arguments_still_work(getkey):
     grid = mfattn.AttentionParams.mean_field(getkey(), 2, 4, 3, 2)
     measure = random_measure(getkey(), 4, 3)

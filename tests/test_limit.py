@@ -98,6 +98,7 @@ def test_piecewise_constant_path_recovers_discrete_params(getkey):
     assert 3.0 < errs[0] / errs[1] < 5.0, errs
 
 
+@pytest.mark.slow
 def test_closed_form_adjoint_agrees_with_autodiff_through_solver(getkey):
     d, k, M, n = 3, 2, 3, 5
     measure = random_measure(getkey(), n, d, scale=0.8)

@@ -241,6 +241,7 @@ def test_bias_against_depth_is_recorded_when_the_reference_cannot_resolve_it(tmp
     assert "bias vs L (H = 4): not fitted" in scaling.report(data)
 
 
+@pytest.mark.slow
 def test_limit_evaluation_in_blocks_matches_one_solve():
     cfg = replace(TINY, test_points=10)  # 40 test particles per probe
     c = scaling.Condition(cfg, 2, 4, "adamw", False, [(1, 2)])

@@ -293,6 +293,7 @@ def test_discrete_converges_to_the_limit_at_order_one(getkey):
     assert -1.15 < slope < -0.85, (slope, errs)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(getkey):
     """A few AdamW steps of `mfattn.train` on a post-normalised transformer
     lower the held-out loss of denoising on the sphere."""
