@@ -95,8 +95,8 @@ SPEED_SIZES = {
 SPEED_VARIANTS = {
     "small": (-1,),
     "medium": (-1, 0),
-    "long": (-1, 1024),
-    "n65536": (-1, 1024),
+    "long": (-1, 0, 1024),
+    "n65536": (-1, 1024, 4096),
 }
 SPEED_DRY = {
     "small": dict(B=2, n=16, d=4, k=2, L=2, H=2),
@@ -556,6 +556,10 @@ def worker_speed_jax(sizes: dict, variants: dict, repeats: int, budget_s: float,
         kernel = kernel or mfattn.ChunkedKernel(chunk)
         name = {-1: "default", 0: "dense"}.get(chunk, f"chunk{chunk}")
         label = f"mfattn {name} ({type(kernel).__name__})"
+        if chunk == -1:
+            with contextlib.suppress(Exception):  # what the default chose on this device
+                n_keys, rows = sizes[size]["n"], sizes[size]["H"] * sizes[size]["n"]
+                label += f" -> {kernel.choose(n_keys, rows, 4)!r}"
         row = out["sizes"].setdefault(size, {})
         if left() < 3:
             row[name] = {"label": label, "skipped": "the worker's budget ran out"}
@@ -883,9 +887,11 @@ def part_limit(rec: PartRecord, dry_run: bool) -> None:
             "loss_rel_diff": abs(float(value) - float(tvalue.detach()))
             / abs(float(tvalue.detach())),
             "grad_rel_diff": _rel(list(jax.tree.leaves(grads)), scaled),
-            "tol": 1e-4,
+            "tol": 1e-3,
             "why": "both solve to rtol 1e-6, atol 1e-8 with other methods (Tsit5 and dopri5, "
-            "the closed-form and the continuous adjoint)",
+            "the closed-form and the continuous adjoint); at these sizes mfattn's own gradient "
+            "at rtol 1e-6 differs from its gradient at rtol 1e-10 by 2.4e-4 of the largest "
+            "entry (CPU, float64), so 1e-3 is the solvers' tolerance with a margin of 4",
         }
         agree["passed"] = max(agree["loss_rel_diff"], agree["grad_rel_diff"]) <= agree["tol"]
         if not agree["passed"]:

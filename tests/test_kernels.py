@@ -256,3 +256,39 @@ def test_auto_kernel_is_dense_then_chunked(getkey):
     b = mfattn.solve_discrete(params, measure, loss, 2.0, z, kernel=mfattn.DenseKernel())
     for name in ("xs", "ps", "test_ps", "grads"):
         assert tree_rel_err(getattr(a, name), getattr(b, name)) < 1e-10, name
+
+
+def test_auto_kernel_on_an_accelerator_fills_the_score_budget(monkeypatch):
+    # the rule on an accelerator, with the device's memory replaced by a known
+    # budget: dense while heads x queries x keys scores fit, else the largest
+    # power-of-two chunk that fits, never below 128 keys
+    from mfattn._kernels import _auto
+
+    monkeypatch.setattr(_auto, "score_budget", lambda backend: 2**28)
+    auto = mfattn.AutoKernel()
+    # 64 heads x 256 queries x 256 keys x 4 bytes = 16 MiB: dense
+    assert auto.choose(256, 64 * 256, 4, backend="gpu") == mfattn.DenseKernel()
+    # 16 heads x 4096 queries: 2^28 / (65536 x 4) = 1024 keys per chunk
+    assert auto.choose(4096, 16 * 4096, 4, backend="gpu") == mfattn.ChunkedKernel(1024)
+    # float64 halves the chunk
+    assert auto.choose(4096, 16 * 4096, 8, backend="gpu") == mfattn.ChunkedKernel(512)
+    # a huge problem still gets chunks of at least 128 keys
+    assert auto.choose(2**20, 2**24, 4, backend="gpu") == mfattn.ChunkedKernel(128)
+    # the CPU rule does not look at the memory
+    assert auto.choose(256, 64 * 256, 4, backend="cpu") == mfattn.ChunkedKernel(128)
+    # given thresholds override the rule on every backend
+    fixed = mfattn.AutoKernel(max_dense_keys=64, chunk_size=32, causal=True)
+    for backend in ("cpu", "gpu"):
+        assert fixed.choose(64, 64, 4, backend=backend) == mfattn.DenseKernel(causal=True)
+        assert fixed.choose(65, 65, 4, backend=backend) == mfattn.ChunkedKernel(32, causal=True)
+    with pytest.raises(ValueError, match="max_dense_keys"):
+        mfattn.AutoKernel(max_dense_keys=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mfattn.AutoKernel(chunk_size=-3)
+
+
+def test_auto_kernel_score_budget_from_the_device():
+    from mfattn._kernels import _auto
+
+    # the CPU backend is always there; whatever it reports, the budget is positive
+    assert _auto.score_budget("cpu") >= 2**20
