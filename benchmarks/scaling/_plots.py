@@ -229,3 +229,71 @@ def plot(data, out):
         fig.tight_layout()
         fig.savefig(name("_d.png"), dpi=100)
         plt.close(fig)
+
+
+def fluctuation_figure(data, out):
+    """The README's figure for notebook 03, one question: how does the state's
+    fluctuation (each initialisation's distance to the mean over
+    initialisations, `mfattn.bias_fluctuation`) fall with `L` and `H`, at
+    `k = 0` (untrained) and after the last training step? One panel each: the
+    mean over initialisations against `L` at each `H` (dots: each
+    initialisation), the slopes `L^-1/3` and `L^-1/2` through the first point,
+    and the fitted exponents (jackknife 95 % intervals, `mfattn.power_law_fit`),
+    with and without `L = 1`. The fluctuation involves no limit, so no point is
+    excluded. Written by
+
+        python -c "import json; from benchmarks.scaling._plots import fluctuation_figure; \\
+            fluctuation_figure(json.load(open('benchmarks/results/scaling_full.json')), \\
+            'docs/img/convergence.png')"
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import mfattn
+
+    cfg, c = StudyConfig.from_json(data["config"]), data["points"]
+    c = c[cfg.main_condition]
+    P, steps = c["points"], c["steps"]
+    Hs = sorted({p["H"] for p in P.values()})
+    Ls = np.array(sorted({p["L"] for p in P.values()}), float)
+    ci = lambda f, a: f"{f[a]:+.2f} [{f[a + '_ci'][0]:+.2f}, {f[a + '_ci'][1]:+.2f}]"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, step in zip(axes, (0, len(steps) - 1)):
+        for i, H in enumerate(Hs):
+            ks = sorted((k for k in P if P[k]["H"] == H), key=lambda k: P[k]["L"])
+            per = [np.asarray(P[k]["state"]["fluctuation_per_step"][step]) for k in ks]
+            x = np.array([P[k]["L"] for k in ks], float) * (0.96 if i == 0 else 1.04)
+            ax.plot(x, [v.mean() for v in per], "o-", color=f"C{i}", label=f"H = {H}")
+            for xx, v in zip(x, per):
+                ax.plot([xx] * len(v), v, ".", color=f"C{i}", alpha=0.25)
+        y0 = ax.get_lines()[0].get_ydata()[0]
+        ax.plot(Ls, y0 * Ls ** (-1 / 3), "k--", lw=0.8, label="slope L^-1/3")
+        ax.plot(Ls, y0 * Ls**-0.5, "k:", lw=0.8, label="slope L^-1/2")
+        fits = []
+        for keys in (list(P), [k for k in P if P[k]["L"] > 1]):
+            cov = {"L": [P[k]["L"] for k in keys], "H": [P[k]["H"] for k in keys]}
+            per_init = [P[k]["state"]["fluctuation_per_step"][step] for k in keys]
+            fits.append(mfattn.power_law_fit(cov, per_init))
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="depth L",
+            title=f"k = {steps[step]}"
+            + (" (untrained)" if step == 0 else " (trained)")
+            + f"\nfit: L {ci(fits[0], 'L')}, H {ci(fits[0], 'H')}"
+            + f"\nwithout L = 1: L {ci(fits[1], 'L')}",
+        )
+        ax.title.set_fontsize(9)
+        _log_axes(ax, Ls)
+    axes[1].legend(fontsize=8, loc="upper right")  # the same entries; room there
+    axes[0].set_ylabel(f"fluctuation of the state, mean over {cfg.inits} inits (dots: each)")
+    fig.suptitle(
+        f"{cfg.main_condition}: does the state's fluctuation fall like L^-1/3 H^-1/2? "
+        f"H = {', '.join(map(str, Hs))}; 95 % jackknife intervals",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
