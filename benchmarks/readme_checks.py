@@ -1,10 +1,11 @@
 """The numbers the READMEs derive from committed results files rather than read
 off them, computed again from those files (seconds, no solve):
 
-- `scaling_full.json`: the state's fluctuation fits with and without `L = 1`
-  (at `k = 0` and at the last step), the combined fit's RMS log-residuals
-  corrected for the parameters fitted, and the gain of the adversarial ascent
-  over the random-`z` maximum per grid point;
+- `scaling_full.json`: the state's fluctuation fits with and without
+  `L = 1` (at `k = 0` and at the last step), the combined fit's RMS
+  log-residuals corrected for the parameters fitted (also for
+  `scaling_medium.json`), and the gain of the adversarial ascent over the
+  random-`z` maximum per grid point;
 - `low_temperature.json`: each run's slope of `W_2` against `beta` on
   `beta >= 1e3` at `t = 1`, or the reason it is not fitted;
 - `gradient_flow.json`: the limit's smallest tangent-kernel eigenvalue per
@@ -48,10 +49,25 @@ def scaling(data):
                 "L": _interval(f, "L"),
                 "H": _interval(f, "H"),
             }
+    out["combined_rms_per_dof"] = combined_rms_per_dof(data)
+    for k, p in P.items():  # adversarial sup over the random-z maximum, per initialisation
+        g = np.asarray(p["total"]) / np.asarray(p["total_random"])
+        out["ascent_gain"][k] = {
+            "median": float(np.median(g)),
+            "min": float(g.min()),
+            "max": float(g.max()),
+        }
+    out["steps"] = data["config"]["adversarial_steps"]
+    return out
+
+
+def combined_rms_per_dof(data):
+    """The combined fit's RMS log-residuals, free and at fixed exponents, times
+    `sqrt(n / (n - p))` for `p` fitted parameters on `n` points."""
     cf = data["fits"]["state_total_combined"]
     n = len(cf["points_used"])
     # free: a, b, alpha, gamma; fixed exponents: a, b
-    out["combined_rms_per_dof"] = {
+    return {
         lab: {
             "rms": r,
             "parameters": p,
@@ -64,15 +80,6 @@ def scaling(data):
             ("resnet", cf["resnet_fixed"]["rms_log_residual"], 2),
         )
     }
-    for k, p in P.items():  # adversarial sup over the random-z maximum, per initialisation
-        g = np.asarray(p["total"]) / np.asarray(p["total_random"])
-        out["ascent_gain"][k] = {
-            "median": float(np.median(g)),
-            "min": float(g.min()),
-            "max": float(g.max()),
-        }
-    out["steps"] = data["config"]["adversarial_steps"]
-    return out
 
 
 def low_temperature(data, t=1.0):
@@ -126,6 +133,9 @@ def main():
     load = lambda name: json.loads((RESULTS / name).read_text())
     out = {
         "scaling_full": scaling(load("scaling_full.json")),
+        "scaling_medium": {
+            "combined_rms_per_dof": combined_rms_per_dof(load("scaling_medium.json"))
+        },
         "low_temperature": low_temperature(load("low_temperature.json")),
         "gradient_flow": gradient_flow(load("gradient_flow.json")),
     }
@@ -137,9 +147,11 @@ def main():
             f"[{L['ci'][0]:+.2f}, {L['ci'][1]:+.2f}], H {H['exponent']:+.2f} "
             f"[{H['ci'][0]:+.2f}, {H['ci'][1]:+.2f}]"
         )
-    for k, r in s["combined_rms_per_dof"].items():
+    combined = [("full", k, r) for k, r in s["combined_rms_per_dof"].items()]
+    combined += [("medium", k, r) for k, r in out["scaling_medium"]["combined_rms_per_dof"].items()]
+    for preset, k, r in combined:
         print(
-            f"combined fit {k}: RMS {r['rms']:.3f}, {r['parameters']} parameters on "
+            f"combined fit ({preset}) {k}: RMS {r['rms']:.3f}, {r['parameters']} parameters on "
             f"{r['points']} points, corrected {r['rms_corrected']:.2f}"
         )
     for k, g in s["ascent_gain"].items():
