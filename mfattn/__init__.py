@@ -51,6 +51,7 @@ from ._kernels import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
+from ._kernels import PallasKernel as PallasKernel
 from ._kernels import ShardedKernel as ShardedKernel
 from ._kernels import UnnormalizedKernel as UnnormalizedKernel
 from ._limit import limit_gradient as limit_gradient

@@ -5,6 +5,7 @@ from ._base import AbstractAttentionKernel as AbstractAttentionKernel
 from ._base import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._chunked import ChunkedKernel as ChunkedKernel
 from ._dense import DenseKernel as DenseKernel
+from ._pallas import PallasKernel as PallasKernel
 from ._sharded import ShardedKernel as ShardedKernel
 from ._sharded import auto_mesh as auto_mesh
 from ._unnormalized import UnnormalizedKernel as UnnormalizedKernel

@@ -1,0 +1,204 @@
+"""The Pallas kernel in Pallas' interpreter (the CPU): the same numbers as the
+dense kernel, forward and closed-form backward, float64 and float32, with
+non-uniform weights, zero-weight probe keys, test queries, several blocks of
+queries and keys, every mask option; its forward pass differentiable; and the
+solvers through it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err, tree_rel_err
+from helpers import random_loss, random_measure, random_params
+
+import mfattn
+
+OPTIONS = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "strict": dict(causal=True, strict=True),
+    "alibi": dict(alibi_slope=1.3),
+    "alibi-strict": dict(causal=True, strict=True, alibi_slope=0.7),
+}
+
+
+def _pallas(**options):
+    return mfattn.PallasKernel(interpret=True, block_q=16, block_k=16, **options)
+
+
+def _head_problem(key, H=2, n_tok=30, probes=3, tests=4, kdim=3, dtype=jnp.float64):
+    """Keys: `n_tok` tokens (non-uniform weights) then zero-weight probes, so
+    that 33 keys make three blocks of 16; queries: the keys, then test queries
+    (weight 0, positions among the tokens and after them)."""
+    kq, kk, kv, kw, kc = jax.random.split(key, 5)
+    n, m = n_tok + probes, n_tok + probes + tests
+    q = 0.8 * jax.random.normal(kq, (H, m, kdim), dtype)
+    k = 0.8 * jax.random.normal(kk, (H, n, kdim), dtype)
+    v = jax.random.normal(kv, (H, n, kdim), dtype)
+    w = jax.random.uniform(kw, (n_tok,), dtype, minval=0.2, maxval=1.0)
+    w = jnp.concatenate([w / w.sum(), jnp.zeros(probes, dtype)])
+    u = jnp.concatenate([w, jnp.zeros(tests, dtype)])
+    c = jax.random.normal(kc, (H, m, kdim), dtype)
+    kpos = jnp.concatenate([jnp.arange(n_tok), jnp.array([n_tok, 2, 0][:probes])])
+    qpos = jnp.concatenate([kpos, jnp.array([0, 5, n_tok, n_tok + 7][:tests])])
+    return q, k, v, w, c, u, qpos, kpos
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_forward_and_backward_match_dense_float64(getkey, name):
+    q, k, v, w, c, u, qpos, kpos = _head_problem(getkey())
+    pallas, dense = _pallas(**OPTIONS[name]), mfattn.DenseKernel(**OPTIONS[name])
+    beta = 2.5
+    o, lse = pallas.forward(q, k, v, w, beta, qpos, kpos)
+    o_ref, lse_ref = dense.forward(q, k, v, w, beta, qpos, kpos)
+    assert rel_err(o, o_ref) < 1e-12
+    assert np.array_equal(np.isfinite(lse), np.isfinite(lse_ref))
+    finite = np.isfinite(lse_ref)
+    assert rel_err(np.asarray(lse)[finite], np.asarray(lse_ref)[finite]) < 1e-12
+    grads = pallas.backward(q, k, v, w, o, lse, c, u, beta, qpos, kpos)
+    grads_ref = dense.backward(q, k, v, w, o_ref, lse_ref, c, u, beta, qpos, kpos)
+    for g, g_ref, what in zip(grads, grads_ref, ("dq", "dk", "dv")):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, what
+        assert rel_err(g, g_ref) < 1e-12, what
+    if name == "strict":  # the first token sees no key: output and derivatives 0
+        assert not np.isfinite(lse[0, 0]) and np.all(o[:, 0] == 0) and np.all(grads[0][:, 0] == 0)
+    assert (
+        rel_err(pallas.weights(q, k, w, beta, qpos, kpos), dense.weights(q, k, w, beta, qpos, kpos))
+        < 1e-14
+    )
+
+
+@pytest.mark.parametrize("name", ["plain", "causal"])
+def test_forward_and_backward_match_dense_float32(getkey, name):
+    q, k, v, w, c, u, qpos, kpos = _head_problem(getkey(), kdim=8, dtype=jnp.float32)
+    pallas, dense = _pallas(**OPTIONS[name]), mfattn.DenseKernel(**OPTIONS[name])
+    o, lse = pallas.forward(q, k, v, w, 2.0, qpos, kpos)
+    o_ref, lse_ref = dense.forward(q, k, v, w, 2.0, qpos, kpos)
+    assert o.dtype == lse.dtype == jnp.float32
+    assert rel_err(o, o_ref) < 1e-5
+    grads = pallas.backward(q, k, v, w, o, lse, c, u, 2.0, qpos, kpos)
+    grads_ref = dense.backward(q, k, v, w, o_ref, lse_ref, c, u, 2.0, qpos, kpos)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == jnp.float32 and rel_err(g, g_ref) < 1e-5
+
+
+def _reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
+    """`(o, lse)` from the formulas; zero-weight keys enter through their
+    weight only (so that the derivative in `w_j` at `w_j = 0` is the one-sided
+    one)."""
+    s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
+    if slope is not None:
+        s = s - (slope * jnp.abs(qpos[:, None] - kpos[None, :]) / jnp.sum(w > 0))[None]
+    vis = jnp.ones(s.shape[-2:], bool)
+    if causal:
+        vis = kpos[None, :] < qpos[:, None] if strict else kpos[None, :] <= qpos[:, None]
+    e = jnp.where(vis[None], jnp.exp(s), 0.0) * w[None, None, :]
+    D = jnp.sum(e, -1)
+    safe = jnp.where(D > 0, D, 1.0)  # a query that sees no key: o = 0, lse = inf
+    o = jnp.einsum("hmn,hnk->hmk", e, v) / safe[..., None]
+    return o, jnp.where(D > 0, jnp.log(safe), jnp.inf)
+
+
+@pytest.mark.parametrize("name", ["plain", "alibi-strict"])
+def test_forward_is_differentiable(getkey, name):
+    """`jax.grad` through the forward pass (output and log-normaliser) in
+    `q, k, v, w, beta` against the formulas."""
+    q, k, v, w, c, _, qpos, kpos = _head_problem(getkey(), n_tok=20, probes=2, tests=2)
+    opts = OPTIONS[name]
+    cl = jax.random.normal(getkey(), q.shape[:2])
+    keep = np.asarray(qpos > 0) if opts.get("strict") else np.ones(q.shape[1], bool)
+
+    def f(kernel_forward):
+        def scalar(q, k, v, w, beta):
+            o, lse = kernel_forward(q, k, v, w, beta)
+            return jnp.sum(c * jnp.sin(o)) + jnp.sum(jnp.where(keep, cl * lse, 0.0))
+
+        return jax.grad(scalar, argnums=(0, 1, 2, 3, 4))(q, k, v, w, 1.7)
+
+    got = f(lambda *a: _pallas(**opts).forward(*a, qpos, kpos))
+    ref = f(
+        lambda *a: _reference(
+            *a,
+            qpos,
+            kpos,
+            opts.get("causal", False),
+            opts.get("strict", False),
+            opts.get("alibi_slope"),
+        )
+    )
+    for g, g_ref, what in zip(got, ref, ("q", "k", "v", "w", "beta")):
+        assert rel_err(g, g_ref) < 1e-12, what
+
+
+def _model(key, n=7, d=3, k=2, L=3, H=2):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    measure = random_measure(k1, n, d, scale=0.8)  # non-uniform weights
+    params = jax.tree.map(lambda a: 2.0 * a, random_params(k2, L, H, d, k))
+    z = 0.6 * jax.random.normal(k4, (2, d))
+    return params, measure, random_loss(k3, "mmd", measure), z
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_solve_discrete_matches_dense(getkey, causal):
+    """The discrete model with test particles: paths, adjoints, gradient map;
+    and `jax.grad` of the loss through the kernel's forward pass."""
+    params, measure, loss, z = _model(getkey())
+    sols = [
+        mfattn.solve_discrete(params, measure, loss, 3.0, z, kernel=kernel)
+        for kernel in (mfattn.DenseKernel(causal=causal), _pallas(causal=causal))
+    ]
+    for a in ("xs", "ps", "test_xs", "test_ps", "grads"):
+        assert tree_rel_err(getattr(sols[1], a), getattr(sols[0], a)) < 1e-12, a
+    if causal:
+        return
+
+    def grad(kernel):
+        f = lambda th: mfattn.discrete_loss(th, measure, loss, 3.0, kernel=kernel)
+        return jax.grad(f)(params)
+
+    assert tree_rel_err(grad(_pallas()), grad(mfattn.DenseKernel())) < 1e-12
+
+
+def test_solve_discrete_float32_and_batched(getkey):
+    """float32 agrees to float32 rounding; a vmapped batch of measures."""
+    params, measure, loss, z = _model(getkey(), n=6)
+    f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+    p32, m32 = f32(params), f32(measure)
+    l32 = random_loss(getkey(), "mmd", m32)
+    sols = [
+        mfattn.solve_discrete(p32, m32, l32, 3.0, z.astype(jnp.float32), kernel=kernel)
+        for kernel in (mfattn.DenseKernel(), _pallas())
+    ]
+    assert sols[1].xs.dtype == jnp.float32
+    for a in ("xs", "ps", "test_xs", "test_ps", "grads"):
+        assert tree_rel_err(getattr(sols[1], a), getattr(sols[0], a)) < 1e-4, a
+
+    batch = jax.vmap(lambda key: random_measure(key, 6, 3, scale=0.8))(
+        jax.random.split(getkey(), 3)
+    )
+
+    def run(kernel):
+        solve = lambda m: mfattn.solve_discrete(
+            params, m, mfattn.DenoisingLoss(0.5 * m.points), 2.0, kernel=kernel
+        )
+        return jax.vmap(solve)(batch)
+
+    got, ref = run(_pallas()), run(mfattn.DenseKernel())
+    assert tree_rel_err((got.xs, got.ps, got.grads), (ref.xs, ref.ps, ref.grads)) < 1e-12
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="block_q"):
+        mfattn.PallasKernel(block_q=24)
+    with pytest.raises(ValueError, match="block_k"):
+        mfattn.PallasKernel(block_k=8)
+    with pytest.raises(TypeError, match="interpret"):
+        mfattn.PallasKernel(interpret="yes")
+    with pytest.raises(ValueError, match="num_warps"):
+        mfattn.PallasKernel(num_warps=0)
+    with pytest.raises(ValueError, match="strict"):
+        mfattn.PallasKernel(strict=True)
+    with pytest.raises(ValueError, match="qpos"):
+        _pallas(causal=True).forward(*([jnp.zeros((1, 2, 2))] * 3), jnp.ones(2), 1.0)
+    assert mfattn.PallasKernel().uses_positions is False
+    assert mfattn.PallasKernel(alibi_slope=1).uses_positions is True
