@@ -202,3 +202,22 @@ def test_bad_options():
         _pallas(causal=True).forward(*([jnp.zeros((1, 2, 2))] * 3), jnp.ones(2), 1.0)
     assert mfattn.PallasKernel().uses_positions is False
     assert mfattn.PallasKernel(alibi_slope=1).uses_positions is True
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """`python -m benchmarks.pallas_check OUT --dry-run` (tiny sizes, the CPU):
+    every item runs and agrees."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "benchmarks.pallas_check", str(tmp_path), "--dry-run"]
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    data = json.loads((tmp_path / "pallas_check.json").read_text())
+    assert data["errors"] == [] and data["all_agree"], data
+    assert {"step-pallas", "step-dense", "step-auto", "solve-float64-causal"} <= set(data["items"])
