@@ -22,6 +22,8 @@ from ._checkpoint import save_checkpoint as save_checkpoint
 from ._checks import check_finite as check_finite
 from ._checks import checks_enabled as checks_enabled
 from ._checks import set_checks as set_checks
+from ._coercivity import Coercivity as Coercivity
+from ._coercivity import coercivity as coercivity
 from ._convergence import BiasFluctuation as BiasFluctuation
 from ._convergence import antithetic_mean_field as antithetic_mean_field
 from ._convergence import bias_fluctuation as bias_fluctuation
@@ -80,6 +82,11 @@ from ._optim import blockwise_adamw as blockwise_adamw
 from ._optim import scale_by_blockwise_adam as scale_by_blockwise_adam
 from ._params import AttentionParams as AttentionParams
 from ._path import ParamPath as ParamPath
+from ._pathwise import AbstractMultipliers as AbstractMultipliers
+from ._pathwise import CoupledPaths as CoupledPaths
+from ._pathwise import GaussianMultipliers as GaussianMultipliers
+from ._pathwise import RademacherMultipliers as RademacherMultipliers
+from ._pathwise import pathwise_coupling as pathwise_coupling
 from ._probe import ProbeSolution as ProbeSolution
 from ._probe import probe_gradient as probe_gradient
 from ._probe import probe_outputs as probe_outputs
