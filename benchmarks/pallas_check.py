@@ -1,6 +1,7 @@
 """The Pallas kernel on an accelerator, in one call: agreement with the dense
-kernel (float32 and float64; forward, closed-form backward, `jax.grad` through
-the forward pass, a `solve_discrete` with test particles, causal or not), then
+kernel (float32 with full-precision products, and float64; forward,
+closed-form backward, `jax.grad` through the forward pass, a `solve_discrete`
+with test particles, causal or not), then
 one training step of the medium size of `benchmarks/speed.py`
 (`B=8, n=256, d=16, k=4, L=32, H=64`, float32) with `PallasKernel` (a few
 block sizes), `DenseKernel` and `AutoKernel`, each timed after a warm-up with
@@ -317,8 +318,10 @@ def main(argv=None):
     )
     rep.item("environment", environment)
 
-    # correctness, float64 then float32 (x64 on: both dtypes available)
+    # correctness (x64 on: both dtypes; full-precision float32 products, so
+    # that the dense reference does not round its inputs to TF32 on a GPU)
     jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
     check = CHECK_DRY if args.dry_run else CHECK
     for dtype in ("float32", "float64"):
         for causal in (False, True):
@@ -328,6 +331,7 @@ def main(argv=None):
 
     # timings, float32 as benchmarks/speed.py (x64 off, JAX's default)
     jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_default_matmul_precision", None)
     step = STEP_DRY if args.dry_run else SIZES["medium"]
     repeats = 2 if args.dry_run else args.repeats
     for name in ("dense", "auto", "pallas"):

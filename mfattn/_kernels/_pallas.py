@@ -280,11 +280,14 @@ def _specs(lay):
 def _call(cfg, kernel, grid, in_specs, out_specs, out_shape, name):
     params = {}
     if not cfg.interpret:
-        from jax.experimental.pallas import triton as plgpu
+        try:  # Triton, not Mosaic GPU: `compiler_params` selects the backend
+            from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
+            params["compiler_params"] = plgpu.CompilerParams(
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            )
+        except (ImportError, AttributeError):  # another JAX: Pallas' default backend
+            pass
     return pl.pallas_call(
         kernel,
         grid=grid,
