@@ -33,6 +33,10 @@ from ._coupling import train_coupled as train_coupled
 from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
+from ._distributed import batch_mesh as batch_mesh
+from ._distributed import gather as gather
+from ._distributed import replicate as replicate
+from ._distributed import shard_batch as shard_batch
 from ._field import AttentionField as AttentionField
 from ._fits import combined_fit as combined_fit
 from ._fits import jackknife as jackknife

@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh
 
 from ._checkpoint import check_count
 from ._checks import check_finite
+from ._distributed import all_ok, batch_mesh, check_same, constrain_batch, gather, is_main_process
+from ._distributed import replicate as _replicate
 from ._fingerprint import run_fingerprint
 from ._model import AbstractModel
 from ._params import AttentionParams
@@ -109,7 +112,10 @@ def _loss_axes(losses, batch: int):
 
 def batch_solve(model: AbstractModel, measures, losses):
     """`model.solve` over a batch of measures (leading axis), vmapped; the
-    losses' per-sample fields are mapped with them, their scalar fields shared."""
+    losses' per-sample fields are mapped with them, their scalar fields shared.
+    A batch placed by [`mfattn.shard_batch`][] (and a model by
+    [`mfattn.replicate`][]) is solved in parallel, each device on its part,
+    across processes too; [`mfattn.gather`][] brings the results back."""
     batch = measures.points.shape[0]
     axes = _loss_axes(losses, batch)
     return jax.vmap(lambda m, lo: model.solve(m, lo), in_axes=(0, axes))(measures, losses)
@@ -141,12 +147,14 @@ def _nonfinite_flags(loss, grad_norm, params):
     return jnp.stack(flags)
 
 
-def _make_chunk(sampler, optimizer, batch_size, num, record):
+def _make_chunk(sampler, optimizer, batch_size, num, record, mesh=None):
     def one_step(carry, _):
         state, first_bad, what = carry
         model, opt_state, step, key = state
         key, sub = jax.random.split(key)
         measures, losses = sampler(sub, batch_size)
+        if mesh is not None:  # every process draws the batch; each device solves its part
+            measures, losses = constrain_batch((measures, losses), mesh, batch_size)
         sols = batch_solve(model, measures, losses)
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), sols.grads)
         updates, opt_state = optimizer.update(grads, opt_state, model.params)
@@ -195,6 +203,7 @@ def train(
     progress: bool = True,
     state: TrainState | None = None,
     allow_optimizer_change: bool = False,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train `model` for `num_steps` optimiser steps on fresh data.
 
@@ -233,6 +242,16 @@ def train(
       differs from this one in the optimizer only (e.g. a smaller learning
       rate after a [`mfattn.DivergenceError`][]; the optimiser state must have
       the same structure), with a warning.
+    - `mesh`: a `jax.sharding.Mesh` over whose devices each step's batch is
+      split (its leading axis over all the mesh's axes; parameters and
+      optimiser state on every device), or `None` (default): under
+      multi-controller JAX (`jax.distributed.initialize()`, more than one
+      process) a mesh over every device of every process,
+      [`mfattn.batch_mesh`][]; in one process, no split. With several
+      processes, each runs `train` with the same arguments; process 0 alone
+      shows progress and writes the checkpoints (`checkpoint_dir` must be on a
+      file system every process sees), and every process returns the same
+      result, as host-local arrays.
 
     **Checkpoints belong to a run.** Each records the fingerprint of the run
     that wrote it (in the manifest and, as a run id, in its name,
@@ -286,6 +305,16 @@ def train(
     if checkpoint_every is not None:
         checkpoint_every = check_count(checkpoint_every, "checkpoint_every", 1)
     keep = check_count(keep, "keep", 1)
+    if mesh is None and jax.process_count() > 1:
+        mesh = batch_mesh()
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"`mesh` must be a jax.sharding.Mesh or None, got {mesh!r}")
+        if batch_size % mesh.size:
+            raise ValueError(
+                f"`batch_size` = {batch_size} must be a multiple of the {mesh.size} devices "
+                "of `mesh` (every process's devices, under jax.distributed)"
+            )
     flags = dict(resume=resume, record_params=record_params, progress=progress)
     flags["allow_optimizer_change"] = allow_optimizer_change
     for name, flag in flags.items():
@@ -304,7 +333,14 @@ def train(
         given = state
     lock = None
     if checkpoint_dir is not None:
-        checkpoint_dir, lock = open_checkpoint_dir(checkpoint_dir)
+        if is_main_process():  # creates, locks and cleans the directory
+            try:
+                checkpoint_dir, lock = open_checkpoint_dir(checkpoint_dir)
+            except BaseException:
+                all_ok(False, "opening `checkpoint_dir`")
+                raise
+        all_ok(True, "opening `checkpoint_dir` on process 0")
+        checkpoint_dir = pathlib.Path(checkpoint_dir)
     try:
         run = None
         if checkpoint_dir is not None:
@@ -331,6 +367,7 @@ def train(
             resume=resume,
             record_params=record_params,
             progress=progress,
+            mesh=mesh,
         )
     finally:
         if lock is not None:
@@ -351,6 +388,7 @@ def _train(
     resume,
     record_params,
     progress,
+    mesh=None,
 ):
     history: dict[str, list] = {
         k: []
@@ -374,11 +412,15 @@ def _train(
                 trajectory = [jax.tree.unflatten(treedef, leaves)]
     if checkpoint_every is not None:
         checkpoint_every = steps_per_call * math.ceil(checkpoint_every / steps_per_call)
+    if run is not None:
+        check_same(int(state.step), "the step to resume from")
+    if mesh is not None:
+        state = _replicate(state, mesh)
 
     start = int(state.step)
     chunks = {}
     bar = None
-    if progress and num_steps > start:
+    if progress and num_steps > start and is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc="train", unit="step")
@@ -388,13 +430,13 @@ def _train(
         # resumed run runs exactly the same compiled chunks.
         num = min(steps_per_call - step % steps_per_call, num_steps - step)
         if num not in chunks:
-            chunks[num] = _make_chunk(sampler, optimizer, batch_size, num, record_params)
+            chunks[num] = _make_chunk(sampler, optimizer, batch_size, num, record_params, mesh)
         try:
             carry, metrics, traj, block_norms, (first_bad, what) = chunks[num](*state)
         except RuntimeError as e:  # a runtime check inside the chunk (e.g. a failed solve)
             if bar is not None:
                 bar.close()
-            _add_note(e, _chunk_note(step, num, run, state))
+            _add_note(e, _chunk_note(step, num, run, gather(state)))
             raise
         metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
         if first_bad >= 0:
@@ -406,7 +448,7 @@ def _train(
             _raise_divergence(
                 int(first_bad) + 1,
                 [n for n, f in zip(_check_names(state.model.params), what) if f],
-                TrainState(*carry),
+                gather(TrainState(*carry)),
                 _history_arrays(history),
                 run,
                 num_steps,
@@ -422,11 +464,15 @@ def _train(
         if bar is not None:
             bar.update(num)
             bar.set_postfix(loss=f"{metrics['loss'][-1]:.4g}")
-        if run is not None and (
-            step == num_steps or (checkpoint_every and step % checkpoint_every == 0)
+        if (
+            run is not None
+            and is_main_process()
+            and (step == num_steps or (checkpoint_every and step % checkpoint_every == 0))
         ):
             try:
-                run.save(step, state, _history_arrays(history, trajectory, record_params), keep)
+                run.save(
+                    step, gather(state), _history_arrays(history, trajectory, record_params), keep
+                )
             except BaseException:
                 if bar is not None:
                     bar.close()
@@ -438,6 +484,7 @@ def _train(
         traj_out = _concat(trajectory)
     out = _history_arrays(history)
     out["start_step"] = np.asarray(start)  # 0, or the step of the checkpoint resumed
+    state = gather(state)
     return TrainResult(state.model, state, out, traj_out)
 
 
@@ -502,6 +549,8 @@ def save_results(directory, result: TrainResult, extra: dict | None = None) -> p
     - `result`: a [`mfattn.TrainResult`][].
     - `extra`: a JSON-serialisable dict added to `history.json`.
 
+    Under multi-controller JAX only process 0 writes.
+
     **Returns:** `directory`, holding `history.json` (metrics per step),
     `params.eqx` (final parameters) and `loss.png` (the loss curve and the
     largest block norm, drawn without touching matplotlib's backend).
@@ -509,6 +558,8 @@ def save_results(directory, result: TrainResult, extra: dict | None = None) -> p
     import json
 
     directory = pathlib.Path(directory)
+    if not is_main_process():  # process 0 writes
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     h = result.history
     payload = {
