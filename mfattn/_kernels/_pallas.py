@@ -431,9 +431,11 @@ class PallasKernel(AbstractAttentionKernel):
     runs in Pallas' interpreter, which is correct but slow: a kernel for tests
     and for checking, not for speed there. It is opt-in (pass
     `kernel=mfattn.PallasKernel()`); [`mfattn.AutoKernel`][] does not choose it.
-    Its forward pass is differentiable (`jax.grad` of
-    [`mfattn.discrete_loss`][], Diffrax's adjoints through the limit) by the same
-    fused backward kernels.
+    Its forward pass is differentiable in reverse mode (`jax.grad` of
+    [`mfattn.discrete_loss`][], `jax.vjp`) by the same fused backward kernels,
+    in `q, k, v, w` and `beta`; forward mode (`jax.jvp`, `jax.jacfwd`) is not
+    available. The derivative in a zero weight `w_j` is the one-sided one
+    (`w_j -> 0+`), where the dense kernel's automatic derivative gives 0.
 
     **Arguments:**
 
