@@ -3,8 +3,10 @@ kernel (float32 with full-precision products, and float64; forward,
 closed-form backward, `jax.grad` through the forward pass, a `solve_discrete`
 with test particles, causal or not), then
 one training step of the medium size of `benchmarks/speed.py`
-(`B=8, n=256, d=16, k=4, L=32, H=64`, float32) with `PallasKernel` (a few
-block sizes), `DenseKernel` and `AutoKernel`, each timed after a warm-up with
+(`B=8, n=256, d=16, k=4, L=32, H=64`, float32) with `PallasKernel`,
+`DenseKernel` and `AutoKernel`, of its long size (`B=1, n=4096, L=8, H=16`)
+with `PallasKernel` and `AutoKernel`, and of the medium size with other block
+sizes of `PallasKernel`, each timed after a warm-up with
 `jax.block_until_ready`, median of 5.
 
     python -m benchmarks.pallas_check OUT [--dry-run] [--budget S]
@@ -34,6 +36,7 @@ from .speed import SIZES, _data
 CHECK = dict(B=2, n=96, d=8, k=4, L=3, H=4, m_test=5)
 CHECK_DRY = dict(B=2, n=9, d=4, k=2, L=2, H=2, m_test=2)
 STEP_DRY = dict(B=2, n=16, d=4, k=2, L=2, H=2)
+STEP_LONG_DRY = dict(B=1, n=40, d=4, k=2, L=1, H=2)
 # relative difference (largest entry) allowed against the dense kernel: a few
 # hundred roundoffs of the dtype, amplified through the layers and the adjoint
 TOLERANCE = {"float32": 1e-4, "float64": 1e-11}
@@ -336,6 +339,10 @@ def main(argv=None):
     repeats = 2 if args.dry_run else args.repeats
     for name in ("dense", "auto", "pallas"):
         rep.item(f"step-{name}", time_step, step, name, repeats)
+    # one long sequence (B=1, n=4096, L=8, H=16), if the budget allows
+    long = STEP_LONG_DRY if args.dry_run else SIZES["long"]
+    for name in ("pallas", "auto"):
+        rep.item(f"long-step-{name}", time_step, long, name, repeats)
     for blocks in ((32, 32), (128, 64), (64, 128)):
         name = f"step-pallas-{blocks[0]}x{blocks[1]}"
         rep.item(name, time_step, step, "pallas", repeats, blocks)
@@ -343,7 +350,13 @@ def main(argv=None):
     items = rep.data["items"]
     medians = {k: v["median_s"] for k, v in items.items() if "median_s" in v}
     if "step-dense" in medians:
-        rep.data["ratio_to_dense"] = {k: t / medians["step-dense"] for k, t in medians.items()}
+        rep.data["ratio_to_dense"] = {
+            k: t / medians["step-dense"] for k, t in medians.items() if k.startswith("step")
+        }
+    if "long-step-auto" in medians and "long-step-pallas" in medians:
+        rep.data["long_ratio_pallas_to_auto"] = (
+            medians["long-step-pallas"] / medians["long-step-auto"]
+        )
     rep.data["all_agree"] = all(
         v.get("agree", True) for k, v in items.items() if k.startswith(("heads", "solve"))
     ) and not any(
