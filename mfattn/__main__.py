@@ -1,15 +1,19 @@
 """`python -m mfattn` (or `mfattn`): the main job on its built-in default, and
 its other jobs as subcommands.
 
-    mfattn                    # the convergence study's --quick preset (minutes),
-                              # results in results/scaling_quick.json and PNGs
-    mfattn scaling [--quick | --medium] [--out FILE] ...   # the study (full
-                              # preset without a flag; `mfattn scaling --help`)
+    mfattn                    # the seed theorem's study, --quick preset (about
+                              # two minutes): a table of what its data support,
+                              # results in results/theorem7_quick.json and PNGs
+    mfattn theorem7 [--quick | --gpu] [--out FILE] ...   # that study (full preset
+                              # without a flag; `mfattn theorem7 --help`)
+    mfattn scaling [--quick | --medium] [--out FILE] ...   # the convergence study
+                              # against the trained limit (`mfattn scaling --help`)
     mfattn train [options]    # train one transformer (`mfattn train --help`)
 
-The study lives in `benchmarks/scaling/` of the repository (it is no part of
-the library): `mfattn` and `mfattn scaling` run it from a clone (`pip install
--e . && python -m mfattn` at the repository's root).
+The studies live in `benchmarks/theorem7/` and `benchmarks/scaling/` of the
+repository (they are no part of the library): `mfattn`, `mfattn theorem7` and
+`mfattn scaling` run them from a clone (`pip install -e . && python -m mfattn`
+at the repository's root).
 
 `mfattn train` trains a small discrete transformer (L=8 layers, H=8 heads,
 d=4, k=4) with AdamW on the default in-context denoising task, prints the
@@ -21,6 +25,7 @@ whether the run resumed from a checkpoint) to `--out` (default
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -29,41 +34,48 @@ import sys
 import tempfile
 import time
 
-DEFAULT_STUDY_ARGS = ("--quick", "--out", "results/scaling_quick.json")
-"""What `mfattn` without a command runs: `mfattn scaling` with these flags."""
+DEFAULT_STUDY = "theorem7"
+DEFAULT_STUDY_ARGS = ("--quick", "--out", "results/theorem7_quick.json")
+"""What `mfattn` without a command runs: `mfattn theorem7` with these flags."""
+STUDIES = ("theorem7", "scaling")
 
 
-def _study_main():
-    """`benchmarks.scaling.main`, imported from the repository.
+def _study_main(name: str = "scaling"):
+    """`benchmarks.<name>.main`, imported from the repository.
 
     **Raises:** `SystemExit` (status 1) with a message saying to run from a
-    clone of the repository, if `benchmarks.scaling` cannot be imported.
+    clone of the repository, if `benchmarks.<name>` cannot be imported.
     """
+    module = f"benchmarks.{name}"
     try:
-        import benchmarks.scaling as study
+        study = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.scaling"):
+        if e.name not in ("benchmarks", module):
             raise  # something the study needs is missing: say what
         # the `mfattn` script does not put the working directory on sys.path
-        # (`python -m` does): a clone's root holds benchmarks/scaling/
+        # (`python -m` does): a clone's root holds benchmarks/<name>/
         cwd = pathlib.Path.cwd()
-        if not (cwd / "benchmarks" / "scaling" / "__init__.py").is_file():
+        if not (cwd / "benchmarks" / name / "__init__.py").is_file():
             sys.stderr.write(
-                "mfattn: the convergence study is not part of the installed package: it "
-                "lives in benchmarks/scaling/ of the repository, which cannot be imported "
+                f"mfattn: the study is not part of the installed package: it lives in "
+                f"benchmarks/{name}/ of the repository, which cannot be imported "
                 f"here ({e}). Run this command from the root of a clone of the repository "
                 "(pip install -e . && python -m mfattn).\n"
             )
             raise SystemExit(1) from None
         sys.modules.pop("benchmarks", None)  # a `benchmarks` found elsewhere
         sys.path.insert(0, str(cwd))
-        import benchmarks.scaling as study
+        study = importlib.import_module(module)
     return study.main
 
 
-def _scaling(argv) -> int:
-    _study_main()(list(argv), prog="mfattn scaling")
+def _study(name, argv) -> int:
+    _study_main(name)(list(argv), prog=f"mfattn {name}")
     return 0
+
+
+def _scaling(argv) -> int:
+    return _study("scaling", argv)
 
 
 # --- `mfattn train`: arguments, checked before any work ------------------------
@@ -224,16 +236,21 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="mfattn",
         description="The mean-field theory of deep transformers: the main job and its "
-        "subcommands. Without a command: the convergence study's quick preset "
-        "(`mfattn scaling --quick --out results/scaling_quick.json`).",
+        "subcommands. Without a command: the seed theorem's study, quick preset "
+        "(`mfattn theorem7 --quick --out results/theorem7_quick.json`).",
     )
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    # every argument of `scaling` is the study's own: `main` forwards them as
-    # they are (this entry is for the list of commands)
+    # every argument of a study is the study's own: `main` forwards them as
+    # they are (these entries are for the list of commands)
+    sub.add_parser(
+        "theorem7",
+        add_help=False,
+        help="the seed theorem at scale: fluctuation, bias, token sets (benchmarks/theorem7/)",
+    )
     sub.add_parser(
         "scaling",
         add_help=False,
-        help="the convergence study (benchmarks/scaling/)",
+        help="the convergence study against the trained limit (benchmarks/scaling/)",
     )
     train = sub.add_parser(
         "train",
@@ -258,9 +275,9 @@ def main(argv=None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # the main job
-        return _scaling(DEFAULT_STUDY_ARGS)
-    if argv[0] == "scaling":
-        return _scaling(argv[1:])
+        return _study(DEFAULT_STUDY, DEFAULT_STUDY_ARGS)
+    if argv[0] in STUDIES:
+        return _study(argv[0], argv[1:])
     parser, train = _parsers()
     args = parser.parse_args(argv)
     if args.command == "train":

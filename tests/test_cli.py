@@ -24,13 +24,14 @@ def no_work(monkeypatch):
 
 @pytest.fixture
 def study(monkeypatch):
-    """`benchmarks.scaling.main` replaced by a recorder of its arguments."""
+    """`benchmarks.scaling.main` and `benchmarks.theorem7.main` replaced by a
+    recorder of their arguments."""
     import benchmarks.scaling
+    import benchmarks.theorem7
 
     calls = []
-    monkeypatch.setattr(
-        benchmarks.scaling, "main", lambda argv=None, prog=None: calls.append((argv, prog))
-    )
+    for module in (benchmarks.scaling, benchmarks.theorem7):
+        monkeypatch.setattr(module, "main", lambda argv=None, prog=None: calls.append((argv, prog)))
     return calls
 
 
@@ -41,7 +42,8 @@ def test_help_lists_the_commands(capsys, monkeypatch):
     assert e.value.code == 0
     out = capsys.readouterr().out
     # one line each
-    lines = dict(re.findall(r"^ {2,}(scaling|train) {2,}(\S.*)$", out, re.M))
+    lines = dict(re.findall(r"^ {2,}(scaling|train|theorem7) {2,}(\S.*)$", out, re.M))
+    assert "seed theorem" in lines["theorem7"]
     assert "convergence study" in lines["scaling"] and "train" in lines["train"]
     assert "python -m benchmarks.scaling" not in out
 
@@ -52,12 +54,18 @@ def test_unknown_command_names_the_commands(capsys, no_work, study):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'trian'" in err and "'scaling'" in err and "'train'" in err
+    assert "'theorem7'" in err
     assert err.startswith("usage: mfattn ") and study == []
 
 
 def test_no_arguments_run_the_quick_study(study):
     assert cli.main([]) == 0
-    assert study == [(["--quick", "--out", "results/scaling_quick.json"], "mfattn scaling")]
+    assert study == [(["--quick", "--out", "results/theorem7_quick.json"], "mfattn theorem7")]
+
+
+def test_theorem7_forwards_every_flag(study):
+    assert cli.main(["theorem7", "--gpu", "--budget", "60", "--help"]) == 0
+    assert study == [(["--gpu", "--budget", "60", "--help"], "mfattn theorem7")]
 
 
 def test_scaling_forwards_every_flag(study):
@@ -68,6 +76,7 @@ def test_scaling_forwards_every_flag(study):
 def test_a_missing_study_says_to_run_from_a_clone(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "benchmarks", None)  # import fails
     monkeypatch.setitem(sys.modules, "benchmarks.scaling", None)
+    monkeypatch.setitem(sys.modules, "benchmarks.theorem7", None)
     monkeypatch.chdir(tmp_path)  # not a clone's root
     with pytest.raises(SystemExit) as e:
         cli.main([])

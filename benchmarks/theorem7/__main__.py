@@ -1,0 +1,58 @@
+"""The study's command line (`python -m benchmarks.theorem7 --help`)."""
+
+import argparse
+import json
+import pathlib
+
+import jax
+
+from benchmarks.theorem7 import __doc__ as _doc
+from benchmarks.theorem7._run import run
+from benchmarks.theorem7._summary import table
+
+
+def main(argv=None, prog="python -m benchmarks.theorem7"):
+    """Parse `argv` and run the study (or print the table of a finished run).
+
+    **Returns:** the study JSON's data."""
+    ap = argparse.ArgumentParser(prog=prog, description=_doc.split("\n\n")[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="the quick preset (about two minutes)")
+    g.add_argument("--gpu", action="store_true", help="the gpu preset (one GPU)")
+    ap.add_argument(
+        "--out", default=None, help="JSON output (PNGs and the per-condition folder next to it)"
+    )
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="start no condition after this many seconds"
+    )
+    ap.add_argument(
+        "--no-resume", action="store_true", help="discard the per-condition files first"
+    )
+    ap.add_argument(
+        "--table", action="store_true", help="print the table of the finished run and exit"
+    )
+    args = ap.parse_args(argv)
+    preset = "quick" if args.quick else "gpu" if args.gpu else "full"
+    suffix = "" if preset == "full" else f"_{preset}"
+    out = pathlib.Path(args.out or f"benchmarks/results/theorem7{suffix}.json")
+    if args.table:
+        data = json.loads(out.read_text())
+    else:
+        jax.config.update("jax_enable_x64", True)  # the command line's choice
+        data = run(
+            preset,
+            out,
+            progress=not args.no_progress,
+            resume=not args.no_resume,
+            budget=args.budget,
+        )
+        print()
+    print(table(data))
+    if not args.table:
+        print(f"\nwritten to {out} and its PNGs ({data['wall_seconds_this_run']:.0f} s)")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The presets of the study: frozen, so that a result file names exactly what
+produced it."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem7Config:
+    """Every size and hyperparameter of one run of the study.
+
+    The task is the convergence study's (`benchmarks/scaling`): in-context
+    denoising in `dim` dimensions with `tokens` tokens around `clusters` centres,
+    rescaled to RMS norm one; the law `nu_0` of a head is `Q, K, V` Xavier
+    uniform and `O = V`; AdamW with the per-entry step `eta / sqrt(dim *
+    head_dim)` and weight decay `weight_decay`, batch `batch`, one data stream
+    shared by every initialisation."""
+
+    name: str
+    seed: int = 2026
+    dim: int = 4
+    head_dim: int = 4
+    tokens: int = 8
+    clusters: int = 3
+    beta: float = 1.0
+    eta: float = 0.02
+    weight_decay: float = 1e-3
+    batch: int = 4
+    probes: int = 1
+    """token sets at which every quantity is measured"""
+    test_points: int = 8
+    """test particles per token set, uniform in the ball that holds the tokens"""
+    # part 1: the fluctuation among initialisations, no limit needed
+    L: tuple[int, ...] = (4, 8, 16)
+    H: tuple[int, ...] = (4, 16)
+    inits: int = 16
+    steps: int = 40
+    fit_min_L: int = 4
+    """the fits use the depths from this one on: below it the spread is
+    pre-asymptotic (one Euler step does not yet carry the flow's amplification
+    of early fluctuations: at `H = 4` it is about as large at `L = 1` as at
+    `L = 4`)"""
+    # part 2: the bias of the mean at initialisation against the exact limit
+    bias_L: tuple[int, ...] = (2, 4, 8, 16, 32)
+    bias_H: int = 4
+    bias_inits: int = 128
+    reference_M: int = 2**12
+    """parameter particles of the limit's reference (a scrambled Sobol sample
+    of `nu_0`), checked against `4 reference_M`"""
+    reference_rtol: float = 1e-10
+    splits: int = 16
+    """random split-halves averaged in the bias estimate"""
+    # part 3: the sup over token sets against the number of tokens
+    uniform_n: tuple[int, ...] = (4, 8, 16, 32)
+    uniform_L: int = 4
+    uniform_H: int = 4
+    uniform_inits: int = 8
+    ascent_steps: int = 16
+    ascent_restarts: int = 2
+    ascent_step_size: float = 0.05
+    """step of the ascent on token positions, a fraction of the ball's radius"""
+    causal: tuple[bool, ...] = (False, True)
+    boots: int = 400
+    """bootstrap resamples of the bias's interval"""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "quick": Theorem7Config(name="quick"),
+    "full": Theorem7Config(
+        name="full",
+        L=(1, 2, 4, 8, 16, 32),
+        H=(4, 8, 16, 32),
+        inits=64,
+        steps=200,
+        probes=2,
+        test_points=16,
+        bias_L=(1, 2, 4, 8, 16, 32, 64, 128),
+        bias_inits=512,
+        reference_M=2**17,
+        uniform_n=(4, 8, 16, 32, 64, 128, 256),
+        uniform_L=8,
+        uniform_H=8,
+        uniform_inits=16,
+        ascent_steps=40,
+        ascent_restarts=3,
+    ),
+    "gpu": Theorem7Config(
+        name="gpu",
+        L=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        H=(4, 8, 16, 32, 64, 128, 256),
+        inits=64,
+        steps=200,
+        probes=2,
+        test_points=16,
+        bias_L=(1, 2, 4, 8, 16, 32, 64, 128),
+        bias_inits=512,
+        reference_M=2**17,
+        uniform_n=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        uniform_L=8,
+        uniform_H=8,
+        uniform_inits=16,
+        ascent_steps=40,
+        ascent_restarts=3,
+    ),
+}
+"""`quick`: about two minutes on 2 cores (the main job's default). `full`: the
+CPU preset (`L, H` to 32: the cost of a point grows like `L H`, about 0.6 s
+per head on 2 cores with 64 initialisations and 200 steps). `gpu`: `L, H` to
+256 and `n` to 1024, for one GPU."""

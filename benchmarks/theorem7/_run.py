@@ -1,0 +1,160 @@
+"""Running the study: one file per condition, written atomically, so that a
+stopped run resumes where it stopped; the summary JSON and figures at the end."""
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+
+from . import _parts
+from ._config import PRESETS, Theorem7Config
+from ._plots import plot_all
+from ._summary import summarize
+
+# fields that only choose which conditions run: each condition's file is named
+# by its own coordinates, so a grown grid reuses the conditions it shares
+GRID_FIELDS = ("name", "L", "H", "bias_L", "uniform_n", "causal", "fit_min_L")
+
+
+def _fingerprint(cfg: Theorem7Config) -> str:
+    """A hash of every field that changes what a condition computes."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in GRID_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    """Write `obj` to `path` atomically (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Conditions:
+    """The folder of per-condition files of one preset: each file holds the
+    configuration's fingerprint, and a file written by another configuration
+    is an error (naming the file), never silently reused."""
+
+    def __init__(self, folder: pathlib.Path, cfg: Theorem7Config, resume: bool = True, budget=None):
+        self.folder, self.cfg, self.fp = folder, cfg, _fingerprint(cfg)
+        self.deadline = time.perf_counter() + (float("inf") if budget is None else budget)
+        self.skipped: list[str] = []
+        folder.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for f in folder.glob("*.json"):
+                f.unlink()
+
+    def get(self, name: str, compute, log):
+        """The record `name`: read back, or computed and written; `None` when
+        it is not there and the budget is spent."""
+        path = self.folder / f"{name}.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            if rec.get("fingerprint") != self.fp:
+                raise RuntimeError(
+                    f"{path} was written by another configuration of the study "
+                    f"(fingerprint {rec.get('fingerprint')}, this one {self.fp}): "
+                    "move it away or run with --no-resume"
+                )
+            log(f"  {name}: done before")
+            return rec["record"]
+        if time.perf_counter() > self.deadline:
+            self.skipped.append(name)
+            return None
+        t0 = time.perf_counter()
+        rec = compute()
+        rec["seconds"] = time.perf_counter() - t0
+        write_json(path, {"fingerprint": self.fp, "record": rec})
+        return rec
+
+
+def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, budget=None) -> dict:
+    """Run (or resume) the preset `preset` (a name of `PRESETS` or a
+    `Theorem7Config`); write the study JSON `out`, the
+    per-condition files in the folder next to it (`out` without `.json`), and
+    the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_uniform.png`.
+    With `budget` (seconds), no condition starts after it is spent: the JSON
+    then summarises the conditions done, and lists the others in `skipped`."""
+    if isinstance(preset, Theorem7Config):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise ValueError(f"`preset` must be one of {sorted(PRESETS)} or a Theorem7Config")
+    log = print if progress else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    conds = Conditions(out.with_suffix(""), cfg, resume, budget)
+    records = {"device": str(jax.devices()[0].device_kind)}
+    grid = sorted(((L, H) for L in cfg.L for H in cfg.H), key=lambda g: (g[0] * g[1], g))
+    log(f"[1/3] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
+    fl = []
+    for i, (L, H) in enumerate(grid):
+        rec = conds.get(
+            f"fluctuation-L{L}-H{H}", lambda L=L, H=H: _parts.fluctuation_point(cfg, L, H), log
+        )
+        if rec is None:
+            continue
+        fl.append(rec)
+        log(
+            f"  [{i + 1}/{len(grid)}] L={L} H={H}: k=0 "
+            f"{sum(rec['k0']['total']) / rec['inits']:.4g}, k={cfg.steps} "
+            f"{sum(rec['kK']['total']) / rec['inits']:.4g} ({rec['seconds']:.1f} s)"
+        )
+    records["fluctuation"] = fl
+    log(f"[2/3] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
+    ref = conds.get("bias-reference", lambda: _parts.bias_reference(cfg), log)
+    bias = []
+    if ref is not None:
+        log(
+            f"  reference M = {4 * ref['M']}: its distance to M = {ref['M']} is "
+            f"{ref['M_vs_4M']:.3g}"
+        )
+        records["bias_reference"] = ref
+    if ref is None:
+        conds.skipped.extend(f"bias-L{L}" for L in cfg.bias_L)
+    for L in cfg.bias_L if ref is not None else ():
+        rec = conds.get(f"bias-L{L}", lambda L=L: _parts.bias_point(cfg, L, ref), log)
+        if rec is None:
+            continue
+        bias.append(rec)
+        log(
+            f"  L={L}: split-half {rec['value']:.4g} (plain {rec['plain']:.4g}, noise of the "
+            f"mean {rec['noise_of_mean']:.3g}; {rec['seconds']:.1f} s)"
+        )
+    records["bias"] = bias
+    log("[3/3] sup of the fluctuation over token sets")
+    uni = []
+    for causal in cfg.causal:
+        for n in cfg.uniform_n:
+            name = f"uniform-n{n}-{'causal' if causal else 'unmasked'}"
+            rec = conds.get(
+                name, lambda n=n, causal=causal: _parts.uniform_point(cfg, n, causal), log
+            )
+            if rec is None:
+                continue
+            uni.append(rec)
+            log(
+                f"  n={n} {'causal' if causal else 'unmasked'}: {rec['start']:.4g} -> "
+                f"{rec['value']:.4g} (last quarter x{rec['last_quarter_gain']:.3f}; "
+                f"{rec['seconds']:.1f} s)"
+            )
+    records["uniform"] = uni
+    records["wall_seconds"] = sum(
+        r.get("seconds", 0.0) for r in [*fl, *([ref] if ref else []), *bias, *uni]
+    )
+    data = summarize(cfg, records)
+    data["complete"] = not conds.skipped
+    data["skipped"] = conds.skipped
+    data["wall_seconds_this_run"] = time.perf_counter() - t0
+    write_json(out, data)
+    plot_all(data, out)
+    return data

@@ -1,0 +1,243 @@
+"""Fits, intervals, verdicts and the table of the study."""
+
+import numpy as np
+
+import mfattn
+
+from ._config import Theorem7Config
+
+
+def _interval(per_init) -> dict:
+    t = mfattn.t_interval(np.asarray(per_init, float), min_samples=8)
+    return {"value": t["estimate"], "ci_low": t["ci"][0], "ci_high": t["ci"][1]}
+
+
+def fluctuation_records(points: list[dict]) -> list[dict]:
+    """One record per `(L, H, k)`: the mean over initialisations of the
+    per-initialisation sup, with its `t` interval."""
+    out = []
+    for p in points:
+        for k_name, k in (("k0", 0), ("kK", p["steps"])):
+            rec = {"L": p["L"], "H": p["H"], "k": k, "inits": p["inits"]}
+            rec.update(_interval(p[k_name]["total"]))
+            for part in ("state", "adjoint", "tokens", "test"):
+                rec[part] = float(np.mean(p[k_name][part]))
+            out.append(rec)
+    return out
+
+
+def _fit(points, k_name, part="total", where=lambda p: True) -> dict | None:
+    sel = [p for p in points if where(p)]
+    if len({p["L"] for p in sel}) < 2 or len({p["H"] for p in sel}) < 2 or len(sel) < 4:
+        return None
+    per_init = np.array([p[k_name][part] for p in sel])
+    f = mfattn.power_law_fit(
+        {"L": [p["L"] for p in sel], "H": [p["H"] for p in sel]}, per_init, min_samples=8
+    )
+    return {
+        "L": f["L"],
+        "L_ci": f["L_ci"],
+        "H": f["H"],
+        "H_ci": f["H_ci"],
+        "rms_log_residual": f["rms_log_residual"],
+        "points": len(sel),
+    }
+
+
+def local_slopes(points: list[dict], k_name: str) -> list[dict]:
+    """Slopes in `L` between successive depths at each `H`, with jackknife
+    intervals over initialisations."""
+    out = []
+    for H in sorted({p["H"] for p in points}):
+        row = sorted((p for p in points if p["H"] == H), key=lambda p: p["L"])
+        for a, b in zip(row, row[1:]):
+            ea, eb = np.asarray(a[k_name]["total"]), np.asarray(b[k_name]["total"])
+            lr = np.log(b["L"] / a["L"])
+            jk = mfattn.jackknife(
+                lambda idx, ea=ea, eb=eb, lr=lr: np.log(eb[idx].mean() / ea[idx].mean()) / lr,
+                len(ea),
+                min_samples=8,
+            )
+            out.append(
+                {"H": H, "L_from": a["L"], "L_to": b["L"], "slope": jk["estimate"], "ci": jk["ci"]}
+            )
+    return out
+
+
+def bias_records(points: list[dict], reference: dict) -> list[dict]:
+    out = []
+    for p in points:
+        lo, hi = np.quantile(p["boots"], [0.025, 0.975])
+        out.append(
+            {
+                "L": p["L"],
+                "H": p["H"],
+                "inits": p["inits"],
+                "value": p["value"],
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+                "plain": p["plain"],
+                "noise_of_mean": p["noise_of_mean"],
+                "reference_M": 4 * reference["M"],
+                "reference_error": reference["M_vs_4M"],
+            }
+        )
+    return out
+
+
+def bias_fit(points: list[dict]) -> dict | None:
+    """Slope of `log bias` on `log L`, with the bootstrap over
+    initialisations (independent at every `L`) for the interval."""
+    pts = [p for p in points if p["value"] > 0]
+    if len(pts) < 3:
+        return None
+    lx = np.log([p["L"] for p in pts])
+    slope = float(np.polyfit(lx, np.log([p["value"] for p in pts]), 1)[0])
+    B = min(len(p["boots"]) for p in pts)
+    boots = []
+    for b in range(B):
+        y = np.array([p["boots"][b] for p in pts])
+        if np.all(y > 0):
+            boots.append(np.polyfit(lx, np.log(y), 1)[0])
+    lo, hi = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
+    return {"slope": slope, "ci": [float(lo), float(hi)], "points": len(pts)}
+
+
+def uniform_fit(points: list[dict], causal: bool) -> dict | None:
+    """Slope of the sup over token sets in `n` (jackknife over initialisations)."""
+    sel = sorted((p for p in points if p["causal"] == causal), key=lambda p: p["n"])
+    if len(sel) < 3:
+        return None
+    f = mfattn.power_law_fit(
+        {"n": [p["n"] for p in sel]}, np.array([p["per_init"] for p in sel]), min_samples=8
+    )
+    return {"slope": f["n"], "ci": f["n_ci"], "points": len(sel)}
+
+
+def verdict(ci, claim: float) -> str:
+    lo, hi = ci
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no interval"
+    if hi - lo > 1.0:
+        return "too wide to tell"
+    return "consistent" if lo <= claim <= hi else "excluded"
+
+
+def questions(data: dict) -> list[dict]:
+    """The table's rows: question, measured exponent and interval, the known or
+    claimed answer, and the verdict."""
+    fits, rows = data["fits"], []
+
+    def add(question, fit, key, ci_key, claims):
+        if not fit:
+            return
+        value, ci = fit[key], fit[ci_key]
+        for claim_name, claim in claims:
+            rows.append(
+                {
+                    "question": question,
+                    "measured": value,
+                    "ci": ci,
+                    "claim": claim_name,
+                    "claim_value": claim,
+                    "verdict": verdict(ci, claim),
+                }
+            )
+
+    f0 = fits.get("fluctuation_k0_vs_LH")
+    add("fluctuation at k=0 vs L", f0, "L", "L_ci", [("-1/2 (central limit)", -0.5)])
+    add("fluctuation at k=0 vs H", f0, "H", "H_ci", [("-1/2 (central limit)", -0.5)])
+    fK = fits.get("fluctuation_kK_vs_LH")
+    add(
+        "fluctuation after K steps vs L",
+        fK,
+        "L",
+        "L_ci",
+        [("-1/3 (the theorem's bound)", -1 / 3), ("-1/2 (central limit)", -0.5)],
+    )
+    add("fluctuation after K steps vs H", fK, "H", "H_ci", [("-1/2 (the theorem)", -0.5)])
+    add(
+        "bias of the mean at k=0 vs L",
+        fits.get("bias_init_vs_L"),
+        "slope",
+        "ci",
+        [("-1 (Euler)", -1.0)],
+    )
+    for causal in (False, True):
+        name = "causal" if causal else "unmasked"
+        add(
+            f"sup over token sets vs n ({name})",
+            fits.get(f"uniform_{name}_vs_n"),
+            "slope",
+            "ci",
+            [("0 (uniform in n)", 0.0)],
+        )
+    return rows
+
+
+def table(data: dict) -> str:
+    """The plain-text table the main job prints."""
+    rows = questions(data)
+    head = f"{'question':36s} {'measured [95% interval]':26s} {'answer':28s} verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m = f"{r['measured']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]"
+        lines.append(f"{r['question']:36s} {m:26s} {r['claim']:28s} {r['verdict']}")
+    c = data["config"]
+    ref = data.get("bias_reference", {})
+    lines.append("")
+    lines.append(
+        f"L in {c['L']}, H in {c['H']} (fits from L = {c['fit_min_L']}), {c['inits']} "
+        f"initialisations, K = {c['steps']} AdamW steps; bias: {c['bias_inits']} "
+        f"initialisations, H = {c['bias_H']}, reference "
+        f"M = {4 * c['reference_M']} (its distance to M = {c['reference_M']}: "
+        f"{ref.get('M_vs_4M', float('nan')):.2g}); sup over token sets: L = H = "
+        f"{c['uniform_L']}, k = 0, the state only."
+    )
+    return "\n".join(lines)
+
+
+def summarize(cfg: Theorem7Config, records: dict) -> dict:
+    """The study's JSON from its per-condition records."""
+    fl = records.get("fluctuation", [])
+    bias = records.get("bias", [])
+    uni = records.get("uniform", [])
+    ref = records.get("bias_reference")
+    fits = {}
+    big = lambda p: p["L"] >= cfg.fit_min_L
+    for k_name, key in (("k0", "fluctuation_k0_vs_LH"), ("kK", "fluctuation_kK_vs_LH")):
+        fits[key] = _fit(fl, k_name, where=big)
+        fits[key + "_all_L"] = _fit(fl, k_name)
+        for part in ("state", "adjoint", "tokens", "test"):
+            fits[f"{key}_{part}"] = _fit(fl, k_name, part, where=big)
+    fits["bias_init_vs_L"] = bias_fit([p for p in bias if big(p)])
+    fits["bias_init_vs_L_all_L"] = bias_fit(bias)
+    for name, f in fits.items():
+        if f is not None:
+            f["min_L"] = min(cfg.L + cfg.bias_L) if name.endswith("_all_L") else cfg.fit_min_L
+    for causal in (False, True):
+        fits[f"uniform_{'causal' if causal else 'unmasked'}_vs_n"] = uniform_fit(uni, causal)
+    data = {
+        "config": {
+            **cfg.to_dict(),
+            "K": cfg.steps,
+            "n": cfg.tokens,
+            "d": cfg.dim,
+            "device": records.get("device"),
+        },
+        "fluctuation": fluctuation_records(fl),
+        "local_slopes": {"k0": local_slopes(fl, "k0"), "kK": local_slopes(fl, "kK")},
+        "bias_init": bias_records(bias, ref) if ref else [],
+        "bias_reference": {
+            k: v for k, v in (ref or {}).items() if k in ("M", "M_vs_4M", "M_vs_4M_test_adjoint")
+        },
+        "uniform": [{k: v for k, v in p.items() if k != "per_init"} for p in uni],
+        "fits": fits,
+        "training_loss": [
+            {"L": p["L"], "H": p["H"], "first": p["train_loss_first"], "last": p["train_loss_last"]}
+            for p in fl
+        ],
+        "wall_seconds": records.get("wall_seconds"),
+    }
+    data["questions"] = questions(data)
+    return data
