@@ -68,6 +68,7 @@ def test_forward_and_backward_match_dense_float64(getkey, name):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "causal"])
 def test_forward_and_backward_match_dense_float32(getkey, name):
     q, k, v, w, c, u, qpos, kpos = _head_problem(getkey(), kdim=8, dtype=jnp.float32)
@@ -99,6 +100,7 @@ def _reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
     return o, jnp.where(D > 0, jnp.log(safe), jnp.inf)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["plain", "alibi-strict"])
 def test_forward_is_differentiable(getkey, name):
     """`jax.grad` through the forward pass (output and log-normaliser) in
@@ -159,6 +161,7 @@ def test_solve_discrete_matches_dense(getkey, causal):
     assert tree_rel_err(grad(_pallas()), grad(mfattn.DenseKernel())) < 1e-12
 
 
+@pytest.mark.slow
 def test_solve_discrete_float32_and_batched(getkey):
     """float32 agrees to float32 rounding; a vmapped batch of measures."""
     params, measure, loss, z = _model(getkey(), n=6)
