@@ -1,14 +1,23 @@
 """The study's command line (`python -m benchmarks.theorem7 --help`)."""
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
 import jax
 
 from benchmarks.theorem7 import __doc__ as _doc
+from benchmarks.theorem7._config import PRESETS
 from benchmarks.theorem7._run import run
 from benchmarks.theorem7._summary import table
+
+GRIDS = {"--L": "L", "--H": "H", "--bias-L": "bias_L", "--n": "uniform_n"}
+"""The flags that replace a preset's grid (the conditions' files are shared)."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def main(argv=None, prog="python -m benchmarks.theorem7"):
@@ -23,6 +32,13 @@ def main(argv=None, prog="python -m benchmarks.theorem7"):
         "--out", default=None, help="JSON output (PNGs and the per-condition folder next to it)"
     )
     ap.add_argument("--no-progress", action="store_true")
+    for flag, field in GRIDS.items():
+        ap.add_argument(
+            flag,
+            default=None,
+            metavar="N,N,...",
+            help=f"replace the preset's `{field}` (comma-separated; empty: skip that part)",
+        )
     ap.add_argument(
         "--budget", type=float, default=None, help="start no condition after this many seconds"
     )
@@ -40,8 +56,16 @@ def main(argv=None, prog="python -m benchmarks.theorem7"):
         data = json.loads(out.read_text())
     else:
         jax.config.update("jax_enable_x64", True)  # the command line's choice
+        cfg = PRESETS[preset]
+        grids = {}
+        for flag, field in GRIDS.items():
+            text = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if text is not None:
+                grids[field] = _ints(text)
+        if grids:
+            cfg = dataclasses.replace(cfg, **grids)
         data = run(
-            preset,
+            cfg,
             out,
             progress=not args.no_progress,
             resume=not args.no_resume,

@@ -111,7 +111,9 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
         )
     records["fluctuation"] = fl
     log(f"[2/3] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
-    ref = conds.get("bias-reference", lambda: _parts.bias_reference(cfg), log)
+    ref = None
+    if cfg.bias_L:
+        ref = conds.get("bias-reference", lambda: _parts.bias_reference(cfg), log)
     bias = []
     if ref is not None:
         log(
