@@ -13,9 +13,9 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def plot_fluctuation(data: dict, path: pathlib.Path) -> None:
-    """How does the spread among initialisations fall with `L H`, before and
-    after training?"""
+def plot_fluctuation(data: dict, path: pathlib.Path, part: str = "state") -> None:
+    """How does the spread of the state among initialisations fall with the
+    depth, before and after training?"""
     import matplotlib.pyplot as plt
 
     recs = data["fluctuation"]
@@ -23,19 +23,17 @@ def plot_fluctuation(data: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     Hs = sorted({r["H"] for r in recs})
     cmap = plt.get_cmap("viridis")
-    for ax, k, title in (
-        (axes[0], 0, "at initialisation (k = 0)"),
-        (axes[1], K, f"after K = {K} steps"),
-    ):
+    panels = ((axes[0], 0, "at initialisation (k = 0)"), (axes[1], K, f"after K = {K} steps"))
+    for ax, k, title in panels:
         for i, H in enumerate(Hs):
             rs = sorted((r for r in recs if r["H"] == H and r["k"] == k), key=lambda r: r["L"])
             L = np.array([r["L"] for r in rs])
-            v = np.array([r["value"] for r in rs])
-            err = np.array([[r["value"] - r["ci_low"], r["ci_high"] - r["value"]] for r in rs]).T
+            v = np.array([r[part] for r in rs])
+            ci = np.array([r[part + "_ci"] for r in rs])
             ax.errorbar(
                 L,
                 v,
-                yerr=err,
+                yerr=[v - ci[:, 0], ci[:, 1] - v],
                 marker="o",
                 ms=3,
                 capsize=2,
@@ -43,16 +41,15 @@ def plot_fluctuation(data: dict, path: pathlib.Path) -> None:
                 label=f"H = {H}",
             )
         rs = [r for r in recs if r["k"] == k]
-        L0 = min(r["L"] for r in rs)
-        v0 = max(r["value"] for r in rs)
         Ls = np.array(sorted({r["L"] for r in rs}), float)
-        ax.plot(Ls, v0 * (Ls / L0) ** -0.5, "k--", lw=1, label="slope -1/2")
-        ax.plot(Ls, v0 * (Ls / L0) ** (-1 / 3), "k:", lw=1, label="slope -1/3")
+        top = max(r[part] for r in rs if r["L"] == Ls[0])
+        ax.plot(Ls, 1.3 * top * (Ls / Ls[0]) ** -0.5, "k--", lw=1, label="slope -1/2")
+        ax.plot(Ls, 1.3 * top * (Ls / Ls[0]) ** (-1 / 3), "k:", lw=1, label="slope -1/3")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("depth L")
         ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("spread among initialisations\n(sup over points of |dx| + |dp|)")
+    axes[0].set_ylabel("spread of the state x among\ninitialisations (sup over points)")
     axes[1].legend(fontsize=7, loc="lower left", ncol=2)
     _save(fig, path)
 

@@ -15,14 +15,41 @@ from ._config import PRESETS, Theorem7Config
 from ._plots import plot_all
 from ._summary import summarize
 
-# fields that only choose which conditions run: each condition's file is named
-# by its own coordinates, so a grown grid reuses the conditions it shares
-GRID_FIELDS = ("name", "L", "H", "bias_L", "uniform_n", "causal", "fit_min_L")
+# what each part's conditions depend on: a condition's file holds the hash of
+# these fields of the configuration that wrote it (the grids only choose which
+# conditions run, and each file is named by its own coordinates)
+COMMON_FIELDS = ("seed", "dim", "head_dim", "clusters", "beta")
+PART_FIELDS = {
+    "fluctuation": COMMON_FIELDS
+    + ("tokens", "eta", "weight_decay", "batch", "probes", "test_points", "inits", "steps"),
+    "bias": COMMON_FIELDS
+    + (
+        "tokens",
+        "probes",
+        "test_points",
+        "bias_H",
+        "bias_inits",
+        "reference_M",
+        "reference_rtol",
+        "splits",
+        "boots",
+    ),
+    "uniform": COMMON_FIELDS
+    + (
+        "uniform_L",
+        "uniform_H",
+        "uniform_inits",
+        "ascent_steps",
+        "ascent_restarts",
+        "ascent_step_size",
+    ),
+}
 
 
-def _fingerprint(cfg: Theorem7Config) -> str:
-    """A hash of every field that changes what a condition computes."""
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in GRID_FIELDS}
+def _fingerprint(cfg: Theorem7Config, part: str) -> str:
+    """A hash of every field that changes what a condition of `part` computes."""
+    d = cfg.to_dict()
+    fields = {k: d[k] for k in PART_FIELDS[part]}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -45,7 +72,7 @@ class Conditions:
     is an error (naming the file), never silently reused."""
 
     def __init__(self, folder: pathlib.Path, cfg: Theorem7Config, resume: bool = True, budget=None):
-        self.folder, self.cfg, self.fp = folder, cfg, _fingerprint(cfg)
+        self.folder, self.cfg = folder, cfg
         self.deadline = time.perf_counter() + (float("inf") if budget is None else budget)
         self.skipped: list[str] = []
         folder.mkdir(parents=True, exist_ok=True)
@@ -57,12 +84,13 @@ class Conditions:
         """The record `name`: read back, or computed and written; `None` when
         it is not there and the budget is spent."""
         path = self.folder / f"{name}.json"
+        fp = _fingerprint(self.cfg, name.split("-")[0])
         if path.exists():
             rec = json.loads(path.read_text())
-            if rec.get("fingerprint") != self.fp:
+            if rec.get("fingerprint") != fp:
                 raise RuntimeError(
                     f"{path} was written by another configuration of the study "
-                    f"(fingerprint {rec.get('fingerprint')}, this one {self.fp}): "
+                    f"(fingerprint {rec.get('fingerprint')}, this one {fp}): "
                     "move it away or run with --no-resume"
                 )
             log(f"  {name}: done before")
@@ -73,7 +101,7 @@ class Conditions:
         t0 = time.perf_counter()
         rec = compute()
         rec["seconds"] = time.perf_counter() - t0
-        write_json(path, {"fingerprint": self.fp, "record": rec})
+        write_json(path, {"fingerprint": fp, "record": rec})
         return rec
 
 

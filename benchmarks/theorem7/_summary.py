@@ -21,7 +21,9 @@ def fluctuation_records(points: list[dict]) -> list[dict]:
             rec = {"L": p["L"], "H": p["H"], "k": k, "inits": p["inits"]}
             rec.update(_interval(p[k_name]["total"]))
             for part in ("state", "adjoint", "tokens", "test"):
-                rec[part] = float(np.mean(p[k_name][part]))
+                t = _interval(p[k_name][part])
+                rec[part] = t["value"]
+                rec[part + "_ci"] = [t["ci_low"], t["ci_high"]]
             out.append(rec)
     return out
 
