@@ -155,44 +155,59 @@ def draw(key, n, d, M, Mp, width, scale, att_scale=1.0):
 
 # ------------------------------------------------------------------ pathwise
 def part_pathwise(cfg, res, save):
+    """The SDE once per case at the deepest model's layer times (a step 8 times
+    finer); the discrete side at each `L` by the same coupling with the SDE's
+    step set to the layer spacing (the discrete side does not depend on the
+    SDE's step: only on the key, `L` and the multipliers)."""
     c = cfg["pathwise"]
     rows = res.setdefault("pathwise", [])
     done = {(r["L"], r["activation"], r["multipliers"]) for r in rows}
-    dt0 = 1.0 / (16 * max(c["Ls"]))
+    Lmax = max(c["Ls"])
+    dt0 = 1.0 / (8 * Lmax)
     keys = jax.random.split(jax.random.key(11), c["paths"])
     laws = {"gaussian": mfattn.GaussianMultipliers(), "rademacher": mfattn.RademacherMultipliers()}
-    for mult in sorted({m for _, m in c["cases"]}):
-        acts = [a for a, m in c["cases"] if m == mult]
-        for L in c["Ls"]:
-            todo = [a for a in acts if (L, a, mult) not in done]
-            if not todo:
-                continue
 
-            @jax.jit
-            def run(keys, oh, L=L, mult=mult):
-                def one(key):
-                    feats, mlp, x0, kb = draw(
-                        key, c["n"], c["d"], c["M"], c["Mp"], c["width"], c["scale"]
-                    )
-                    cp = mfattn.pathwise_coupling(
-                        feats, mfattn.EmpiricalMeasure(x0), BETA, kb, L, heads=c["heads"],
-                        mlp=mlp, activation=mixture(oh), multipliers=laws[mult], dt0=dt0,
-                    )  # fmt: skip
-                    return cp.sup_distance()
-
-                return jax.vmap(one)(keys)
-
-            for act in todo:
-                t0 = time.time()
-                e = np.asarray(run(keys, onehot(act)))
-                v, lo, hi = mean_ci(e)
-                rows.append(
-                    dict(L=L, activation=act, multipliers=mult, value=v, ci_low=lo, ci_high=hi,
-                         per_path=e.tolist(), seconds=time.time() - t0)
+    def runner(L, mult, step, side):
+        @jax.jit
+        def run(keys, oh):
+            def one(key):
+                feats, mlp, x0, kb = draw(
+                    key, c["n"], c["d"], c["M"], c["Mp"], c["width"], c["scale"]
+                )
+                cp = mfattn.pathwise_coupling(
+                    feats, mfattn.EmpiricalMeasure(x0), BETA, kb, L, heads=c["heads"],
+                    mlp=mlp, activation=mixture(oh), multipliers=laws[mult], dt0=step,
                 )  # fmt: skip
-                print(f"[pathwise] {mult:10s} {act:7s} L={L:5d} E sup = {v:.4g} "
-                      f"[{lo:.4g}, {hi:.4g}]", flush=True)  # fmt: skip
-                save()
+                return getattr(cp, side)
+
+            return jax.vmap(one)(keys)
+
+        return run
+
+    refs = {}
+    for act, mult in c["cases"]:
+        if all((L, act, mult) in done for L in c["Ls"]):
+            continue
+        t0 = time.time()
+        ref = refs.get(act)
+        if ref is None:  # the SDE does not depend on the multipliers
+            ref = refs[act] = np.asarray(runner(Lmax, mult, dt0, "sde")(keys, onehot(act)))
+        print(f"[pathwise] {act}: the SDE at dt = {dt0:.3g} ({time.time() - t0:.0f} s)", flush=True)
+        for L in c["Ls"]:
+            if (L, act, mult) in done:
+                continue
+            t0 = time.time()
+            xd = np.asarray(runner(L, mult, 1.0 / L, "discrete")(keys, onehot(act)))
+            xs = ref[:, :: Lmax // L]
+            e = np.max(np.sqrt(np.mean(np.sum((xd - xs) ** 2, -1), -1)), -1)  # (paths,)
+            v, lo, hi = mean_ci(e)
+            rows.append(
+                dict(L=L, activation=act, multipliers=mult, value=v, ci_low=lo, ci_high=hi,
+                     per_path=e.tolist(), seconds=time.time() - t0)
+            )  # fmt: skip
+            print(f"[pathwise] {mult:10s} {act:7s} L={L:5d} E sup = {v:.4g} "
+                  f"[{lo:.4g}, {hi:.4g}]", flush=True)  # fmt: skip
+            save()
     fits = []
     for act, mult in c["cases"]:
         pts = sorted(
@@ -274,7 +289,19 @@ def part_commute(cfg, res, save):
             if ("inf", n) not in done:
                 record("inf", n, rms(xs))
                 done.add(("inf", n))
-    res["commute_N"] = N
+    # the iterated limits: the depth error at n = N, the token error at L = inf
+    get = {(r["L"], r["n"]): np.asarray(r["per_path"]) for r in rows}
+    fits = []
+    Ls = [L for L in c["Ls"] if (L, N) in get]
+    if len(Ls) > 1:
+        s, ci = loglog_slope(Ls, np.array([get[(L, N)] for L in Ls]))
+        fits.append(dict(limit="L at n = N", slope=s, ci=ci))
+    for L in ("inf",) + tuple(c["Ls"]):
+        ns = [n for n in c["ns"] if (L, n) in get]
+        if len(ns) > 1:
+            s, ci = loglog_slope(ns, np.array([get[(L, n)] for n in ns]))
+            fits.append(dict(limit=f"n at L = {L}", slope=s, ci=ci))
+    res["commute_fits"] = fits
     save()
 
 
@@ -509,6 +536,9 @@ def part_criterion(cfg, res, save):
     q = c["segments"] // 4
     for act in c["activations"]:
         if act in out and out[act].get("complete"):
+            if "predicted_far" not in out[act]:
+                far_prediction(out[act], predict, pkeys, onehot(act))
+                save()
             continue
         rec = out.setdefault(act, dict(lyapunov={}))
         oh = onehot(act)
@@ -548,10 +578,25 @@ def part_criterion(cfg, res, save):
             _, Nf = (np.asarray(a) for a in predict(pkeys, oh, offset))
             far[str(offset)] = mean_ci(Nf)
         rec["noise_at_scale_1_offset"] = far
+        far_prediction(rec, predict, pkeys, oh)
         rec["complete"] = True
         print(f"[criterion] {act}: predicted {rec['predicted']:.3g} {rec['predicted_ci']}, "
               f"measured {rec['measured']} {rec['measured_ci']}", flush=True)  # fmt: skip
         save()
+
+
+def far_prediction(rec, predict, pkeys, oh, offset=30.0):
+    """The threshold from the drift's expansion at the initial law against the
+    noise's part with the same tokens moved `offset` away from the origin
+    (where the expanding drift carries them), paired draws."""
+    D, _ = (np.asarray(a) for a in predict(pkeys, oh, 0.0))
+    _, Nf = (np.asarray(a) for a in predict(pkeys, oh, offset))
+    stat = lambda v: np.sqrt(v[0].mean() / -v[1].mean()) if v[1].mean() < -1e-12 else np.inf
+    both = np.stack([D, Nf])
+    value = float(stat(both))
+    rec["predicted_far"] = value if np.isfinite(value) else None
+    rec["predicted_far_ci"] = boot_ci(stat, both) if np.isfinite(value) else None
+    rec["predicted_far_offset"] = offset
 
 
 # ------------------------------------------------------------------ plots
@@ -683,6 +728,15 @@ def plot(res, prefix):
                 lab = "predicted (initial law)" if i == 0 else None
                 ax.errorbar(i - 0.1, p, yerr=[[p - lo], [hi - p]], fmt="s", color="C0",
                             capsize=3, label=lab)  # fmt: skip
+            pf = r.get("predicted_far")
+            if pf is not None and pf > top:  # off the scale: written out
+                ax.plot(i, top, marker="D", color="C2")
+                ax.annotate(f"{pf:.0f}", (i, top), fontsize=7, ha="center", va="bottom")
+            elif pf is not None:
+                lo, hi = r["predicted_far_ci"]
+                lab = "predicted (noise far from the origin)" if i == 0 else None
+                ax.errorbar(i, pf, yerr=[[pf - lo], [hi - pf]], fmt="D", color="C2",
+                            capsize=3, label=lab)  # fmt: skip
             m = r["measured"]
             if m is not None:
                 ci = r["measured_ci"]
@@ -690,10 +744,11 @@ def plot(res, prefix):
                             capsize=3, label="measured lambda = 0" if i == 0 else None)  # fmt: skip
             else:
                 ax.plot(i + 0.1, top, marker="^", color="C3")
-                ax.annotate("none", (i + 0.1, top), fontsize=7, ha="center", va="bottom")
+                ax.annotate("none", (i + 0.1, top), fontsize=7, ha="left", va="top")
         ax.set_xticks(range(len(acts)))
         ax.set_xticklabels(acts)
-        ax.set_ylabel("MLP noise scale s at lambda = 0")
+        ax.set_ylim(0, top * 1.12)
+        ax.set_ylabel("MLP noise scale s at lambda = 0 (95% CI)")
         ax.set_title("Which activations synchronise against the drift, and where?", fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
