@@ -216,9 +216,13 @@ def part_pathwise(cfg, res, save):
         )
         if len(pts) < 2:
             continue
-        s, ci = loglog_slope([r["L"] for r in pts], np.array([r["per_path"] for r in pts]))
-        fits.append(dict(activation=act, multipliers=mult, slope=s, ci=ci,
-                         Ls=[r["L"] for r in pts]))  # fmt: skip
+        Ls = [r["L"] for r in pts]
+        per = np.array([r["per_path"] for r in pts])
+        s, ci = loglog_slope(Ls, per)
+        # the slope of E / ln L: -1/2 for the dyadic coupling's O(ln L / sqrt(L))
+        s_log, ci_log = loglog_slope(Ls, per / np.log(np.asarray(Ls, float))[:, None])
+        fits.append(dict(activation=act, multipliers=mult, slope=s, ci=ci, Ls=Ls,
+                         slope_over_log_L=s_log, ci_over_log_L=ci_log))  # fmt: skip
     res["pathwise_fits"] = fits
     save()
 
