@@ -78,6 +78,7 @@ PRESETS = {
             paths=8, n=6, T=4.0, dt=1 / 16, segments=8, scales=(1.0, 3.0, 8.0),
             draws=128, activations=("linear", "tanh"),
         ),
+        dimension=dict(dims=(1, 2, 4), n=6, paths=8, T=4.0, dt=1 / 16, draws=64),
     ),
     "full": dict(
         pathwise=dict(
@@ -104,9 +105,18 @@ PRESETS = {
             scales=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0), draws=512,
             activations=ACTIVATIONS,
         ),
+        dimension=dict(dims=(1, 2, 3, 4, 8), n=8, paths=24, T=12.0, dt=1 / 32, draws=256),
     ),
 }  # fmt: skip
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULT_KEYS = dict(
+    pathwise=("pathwise", "pathwise_fits"),
+    commute=("commute", "commute_fits", "commute_N"),
+    chaos=("chaos", "chaos_fits"),
+    energy=("energy", "energy_dt"),
+    criterion=("criterion",),
+    dimension=("dimension",),
+)
 BETA = 1.0
 BOOT = 2000
 
@@ -603,6 +613,53 @@ def far_prediction(rec, predict, pkeys, oh, offset=30.0):
     rec["predicted_far_offset"] = offset
 
 
+def part_dimension(cfg, res, save):
+    """Pure MLP noise (tanh, `s = 1`, `M' = 16`), no drift: the noise's part of
+    the criterion at the initial law against the measured `lambda`, by `d`
+    (the one-token closed form has the factor `d/2 - 1`)."""
+    c = cfg["dimension"]
+    rows = res.setdefault("dimension", [])
+    done = {r["d"] for r in rows}
+    n, T, dt = c["n"], c["T"], c["dt"]
+    S = 16
+    ts = jnp.linspace(0.0, T, S + 1)
+    keys = jax.random.split(jax.random.key(17), c["paths"])
+    pkeys = jax.random.split(jax.random.key(18), c["draws"])
+    for d in c["dims"]:
+        if d in done:
+            continue
+
+        @jax.jit
+        def measure(keys, d=d):
+            def one(key):
+                _, mlp, x0, kb = draw(key, n, d, 0, 16, 16, 1.0)
+                kb, kt = jax.random.split(kb)
+                return mfattn.solve_sde(
+                    None, mfattn.EmpiricalMeasure(x0), BETA, kb, mlp=mlp, t1=T, dt0=dt, ts=ts,
+                    tangent=jax.random.normal(kt, (n, d)),
+                ).log_tangent  # fmt: skip
+
+            return jax.vmap(one)(keys)
+
+        @jax.jit
+        def predict(keys, d=d):
+            def one(key):
+                _, mlp, x0, kb = draw(key, n, d, 0, 16, 16, 1.0)
+                U = jax.random.normal(kb, (n, d))
+                return mfattn.coercivity(None, mfattn.EmpiricalMeasure(x0), BETA, U, mlp=mlp).noise
+
+            return jax.vmap(one)(keys)
+
+        lt = np.asarray(measure(keys))
+        q = S // 4
+        lam = (lt[:, -1] - lt[:, q]) / (float(ts[-1]) - float(ts[q]))
+        noise = np.asarray(predict(pkeys))
+        rows.append(dict(d=d, lyapunov=mean_ci(lam), noise_part=mean_ci(noise), T=T, dt=dt))
+        print(f"[dimension] d={d}: lambda {lam.mean():+.4f}, noise part at the initial law "
+              f"{noise.mean():+.4f}", flush=True)  # fmt: skip
+        save()
+
+
 # ------------------------------------------------------------------ plots
 def plot(res, prefix):
     import matplotlib
@@ -765,7 +822,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the small preset")
     parser.add_argument("--fresh", action="store_true", help="ignore saved results")
     parser.add_argument(
-        "--parts", default="pathwise,commute,chaos,energy,criterion", help="comma-separated"
+        "--parts",
+        default="pathwise,commute,chaos,energy,criterion,dimension",
+        help="comma-separated",
     )
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else "full"
@@ -777,8 +836,11 @@ def main(argv=None):
     if os.path.exists(path) and not args.fresh:
         with open(path) as f:
             res = json.load(f)
-        if res.get("config") != json.loads(json.dumps(cfg)):
-            res = {}
+        old = res.get("config", {})
+        for part, config in json.loads(json.dumps(cfg)).items():
+            if old.get(part) != config:  # a part whose settings changed starts over
+                for key in RESULT_KEYS[part]:
+                    res.pop(key, None)
     res["config"] = cfg
     res["preset"] = preset
     res["environment"] = dict(
@@ -798,6 +860,7 @@ def main(argv=None):
         chaos=part_chaos,
         energy=part_energy,
         criterion=part_criterion,
+        dimension=part_dimension,
     )
     for p in args.parts.split(","):
         print(f"== {p}", flush=True)
