@@ -105,14 +105,11 @@ def layer_parameters(features, mlp, drift, increments, ts, heads, h):
     with `W_2` rows scaled likewise (every scale enters linearly, through `O`
     and `W_2`). Returns `(AttentionParams (L, H_tot, d, k), MLPParams or None)`."""
     dts = jnp.diff(ts)
-    Hs = []
-    if drift is not None:
-        Hs.append(drift(ts[0]).heads)
+    P = 0 if drift is None else drift(ts[0]).heads
     M = 0 if features is None else features.heads
-    H_tot = sum(Hs) + max(M, 0)
+    H_tot = P + M  # the layer averages its heads: every scale carries H_tot
     blocks = []
     if drift is not None:
-        P = Hs[0]
         theta = jax.vmap(drift)(ts[:-1])  # (L, P, d, k)
         c = H_tot * dts / (P * h)
         blocks.append(eqx.tree_at(lambda p: p.O, theta, theta.O * c[:, None, None, None]))
