@@ -216,7 +216,7 @@ def test_fixed_step_solver_needs_dt0(getkey):
     [
         diffrax.RecursiveCheckpointAdjoint(),
         pytest.param(diffrax.DirectAdjoint(), marks=pytest.mark.slow),
-        diffrax.BacksolveAdjoint(),
+        pytest.param(diffrax.BacksolveAdjoint(), marks=pytest.mark.slow),
     ],
     ids=["recursive", "direct", "backsolve"],
 )

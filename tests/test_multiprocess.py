@@ -92,6 +92,7 @@ def worker(process_id: int, num_processes: int, port: int, out: pathlib.Path, de
 TASK = dict(dim=3, num_tokens=6, num_clusters=2)
 
 
+@pytest.mark.slow  # the batch-sharded training step is checked in test_sharding.py
 def test_one_process_several_devices(getkey):
     """In one process: `train(mesh=...)` over 4 host devices and a sharded
     `batch_solve` give the numbers of one device; bad sizes fail naming them."""
