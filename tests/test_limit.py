@@ -136,7 +136,7 @@ def test_pointwise_gradient_map_converges_under_grid_refinement(getkey):
     for J in (2, 4, 8):
         # the same smooth curve theta(t) sampled on finer grids
         t = jnp.linspace(0, 1, J + 1)[:, None, None, None]
-        grid = jax.tree.map(lambda a: 2.0 * (a[0] * (1 - t) + a[1] * t**2), base)
+        grid = jax.tree.map(lambda a: 2.0 * (a[0][None] * (1 - t) + a[1][None] * t**2), base)
         sol = mfattn.solve_limit(grid, measure, loss, 1.0, **TIGHT)
         _, g = mfattn.limit_gradient(
             grid, measure, loss, 1.0, adjoint=diffrax.RecursiveCheckpointAdjoint(), **TIGHT

@@ -310,7 +310,10 @@ def test_limit_probe_adjoint_against_autodiff_through_diffrax(getkey):
     path = mfattn.ParamPath(grid)
     basis = jax.vmap(path.basis)(ts)  # (T, J1)
     integrand = jax.tree.map(lambda a: jnp.einsum("tj,tm...->tjm...", basis, a) / M, g_t)
-    closed = jax.tree.map(lambda a: jnp.trapezoid(a, ts, axis=0), integrand)
+    # the trapezoid rule, written out (jnp.trapezoid broadcasts `ts` by rank promotion)
+    closed = jax.tree.map(
+        lambda a: jnp.einsum("t,t...->...", jnp.diff(ts), (a[1:] + a[:-1]) / 2), integrand
+    )
     field = mfattn.AttentionField(1.0)
 
     def terminal(params):
@@ -345,7 +348,7 @@ def test_discrete_near_null_eigenvalues_fall_with_depth_and_width():
     N, n, d, k = 6, 4, 2, 2
     z = jnp.array([[0.8, -0.5]])
     base = _normal(jax.random.key(1), (n, d))
-    neg = _batch(base + 0.5 * _normal(jax.random.key(2), (N, 1, d)))
+    neg = _batch(base[None] + 0.5 * _normal(jax.random.key(2), (N, 1, d)))
     null = (N - d - 1) * d
     small = []
     for L, H in [(4, 16), (16, 256)]:
