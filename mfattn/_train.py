@@ -436,6 +436,11 @@ def _train(
         except RuntimeError as e:  # a runtime check inside the chunk (e.g. a failed solve)
             if bar is not None:
                 bar.close()
+            if _nonfinite_states(e):  # a diverging run: find the step, raise DivergenceError
+                one = chunks.get(1) or _make_chunk(
+                    sampler, optimizer, batch_size, 1, record_params, mesh
+                )
+                _locate_divergence(e, one, state, step, num, history, run, num_steps)
             _add_note(e, _chunk_note(step, num, run, gather(state)))
             raise
         metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
@@ -486,6 +491,57 @@ def _train(
     out["start_step"] = np.asarray(start)  # 0, or the step of the checkpoint resumed
     state = gather(state)
     return TrainResult(state.model, state, out, traj_out)
+
+
+_METRICS = ("loss", "grad_norm", "param_norm", "max_block_norm")
+
+
+def _nonfinite_states(error) -> bool:
+    """Whether `error` is a solver's check of non-finite states
+    (`check_states_finite`): the run diverged inside the solve."""
+    text = str(error)
+    return "pass produced NaN" in text or "pass produced inf" in text
+
+
+def _locate_divergence(error, one, state, step, num, history, run, num_steps):
+    """A chunk starting after `step` raised because a solve produced
+    non-finite states: run its steps one at a time from `state` (the same
+    keys, so the same steps) and raise `DivergenceError` at the first step
+    whose solve or whose loss, gradient or parameters are not finite, with
+    the history up to it (the failing step's metrics are NaN) and the last
+    finite state."""
+    for i in range(num):
+        try:
+            carry, metrics, _, _, (first_bad, what) = one(*state)
+        except RuntimeError as e:
+            if not _nonfinite_states(e):
+                raise
+            for k in _METRICS:
+                history[k].append(float("nan"))
+            try:
+                _raise_divergence(
+                    step + i + 1,
+                    ["states (a solve produced NaN or inf)"],
+                    gather(state),
+                    _history_arrays(history),
+                    run,
+                    num_steps,
+                )
+            except DivergenceError as d:
+                raise d from error
+        metrics, first_bad, what = jax.device_get((metrics, first_bad, what))
+        for k, v in metrics.items():
+            history[k].extend(np.asarray(v).tolist())
+        if first_bad >= 0:
+            _raise_divergence(
+                step + i + 1,
+                [n for n, f in zip(_check_names(state.model.params), what) if f],
+                gather(TrainState(*carry)),
+                _history_arrays(history),
+                run,
+                num_steps,
+            )
+        state = TrainState(*carry)
 
 
 def _chunk_note(step, num, run, like):

@@ -404,13 +404,6 @@ def test_nonfinite_initial_params_and_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=eqx.EquinoxRuntimeError,
-    reason="the solver's own check of non-finite states fires inside train's jitted chunk "
-    "before train's per-step divergence check can raise DivergenceError with the history "
-    "(the run still stops naming its steps and keeps its last checkpoint)",
-)
 def test_learning_rate_divergence_of_the_transformer_resumes(tmp_path):
     """The real model: a rate that jumps to 1e5 after 6 steps makes the run
     diverge; the checkpoint at step 5 survives, and a rerun with a smaller
