@@ -87,25 +87,16 @@ PRESETS = {
         ascent_steps=40,
         ascent_restarts=3,
     ),
-    "gpu": Theorem7Config(
-        name="gpu",
-        L=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        H=(4, 8, 16, 32, 64, 128, 256),
-        inits=64,
-        steps=200,
-        probes=2,
-        test_points=16,
-        bias_L=(1, 2, 4, 8, 16, 32, 64, 128),
-        bias_inits=512,
-        reference_M=2**17,
-        uniform_n=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
-        uniform_L=8,
-        uniform_H=8,
-        uniform_inits=16,
-        ascent_steps=40,
-        ascent_restarts=3,
-    ),
 }
+PRESETS["gpu"] = dataclasses.replace(
+    PRESETS["full"],
+    name="gpu",
+    L=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    H=(4, 8, 16, 32, 64, 128, 256),
+    bias_L=(1, 2, 4, 8, 16, 32, 64),
+    reference_M=2**17,
+    uniform_n=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 """`quick`: about two minutes on 2 cores (the main job's default). `full`: the
 CPU preset (`L, H` to 32: the cost of a point grows like `L H`, about 0.6 s
 per head on 2 cores with 64 initialisations and 200 steps). `gpu`: `L, H` to

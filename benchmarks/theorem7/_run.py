@@ -3,12 +3,12 @@ stopped run resumes where it stopped; the summary JSON and figures at the end.""
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import time
 
 import jax
+
+from benchmarks.scaling._run import write_json  # atomic, synced
 
 from . import _parts
 from ._config import PRESETS, Theorem7Config
@@ -51,19 +51,6 @@ def _fingerprint(cfg: Theorem7Config, part: str) -> str:
     d = cfg.to_dict()
     fields = {k: d[k] for k in PART_FIELDS[part]}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-    """Write `obj` to `path` atomically (a temporary file renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Conditions:
