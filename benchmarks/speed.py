@@ -34,15 +34,34 @@ SIZES = {
     "long": dict(B=1, n=4096, d=16, k=4, L=8, H=16),
 }
 # the mfattn configurations timed at each size: (chunk_size, devices); chunk -1 is
-# the plain call (the default kernel, mfattn.AutoKernel), chunk 0 the dense kernel;
+# the plain call (the default kernel, mfattn.AutoKernel: the fused C++ kernel on the
+# CPU), chunk -2 the default's pure-JAX rule (AutoKernel(fused=False)), chunk 0 the
+# dense kernel;
 # devices > 1 shards over that many host CPU devices (the batch of token sets when
 # B > 1, the tokens when B = 1), i.e. the cores
 VARIANTS = {
-    "small": [(-1, 1), (0, 1), (0, 0)],
-    "medium": [(-1, 1), (0, 1), (128, 1), (128, 0)],
-    "long": [(-1, 1), (64, 1), (64, 0)],
+    "small": [(-1, 1), (-2, 1), (0, 1), (0, 0)],
+    "medium": [(-1, 1), (-2, 1), (0, 1), (128, 1), (128, 0)],
+    "long": [(-1, 1), (-2, 1), (64, 1), (64, 0)],
 }
 LIMIT = dict(n=64, d=8, k=4, J=8, M=32, rtol=1e-6, atol=1e-8, beta=1.0)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and widest vector extension, from /proc/cpuinfo."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line
+    except OSError:
+        pass
+    for ext in ("avx512f", "avx2", "neon", "sse4_2"):
+        if f" {ext}" in flags:
+            return f"{model} ({ext})"
+    return model
 
 
 def _rss_mib():
@@ -107,6 +126,8 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
                 x, y = (jax.device_put(a, NamedSharding(devs, PartitionSpec(axis))) for a in (x, y))
         if chunk == -1:
             kernel = mfattn.AutoKernel()
+        elif chunk == -2:
+            kernel = mfattn.AutoKernel(fused=False)
         elif chunk == 0:
             kernel = mfattn.DenseKernel()
         else:
@@ -134,7 +155,9 @@ def worker_step(framework, size, repeats, chunk=0, devices=1):
             jax.block_until_ready(box["m"])
 
         ts = _time(run, repeats)
-        label = "mfattn (" + {-1: "default", 0: "dense"}.get(chunk, f"chunk {chunk}")
+        label = "mfattn (" + {-1: "default", -2: "pure JAX", 0: "dense"}.get(
+            chunk, f"chunk {chunk}"
+        )
         label += f", {devices} devices" if devices > 1 else ""
         label += ", checks off)" if os.environ.get("MFATTN_CHECKS") == "0" else ")"
     return {
@@ -281,7 +304,7 @@ def main(argv=None):
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "python -m benchmarks.speed " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "machine": f"{os.cpu_count()} CPU cores, {_cpu_model()}",
         "load_average_before": os.getloadavg(),
         "peak": peak,
         "steps": {},

@@ -57,6 +57,9 @@ from ._kernels import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._kernels import AutoKernel as AutoKernel
 from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
+from ._kernels import FusedBuildError as FusedBuildError
+from ._kernels import FusedCPUKernel as FusedCPUKernel
+from ._kernels import fused_cpu_available as fused_cpu_available
 from ._kernels import PallasKernel as PallasKernel
 from ._kernels import ShardedKernel as ShardedKernel
 from ._kernels import UnnormalizedKernel as UnnormalizedKernel

@@ -5,6 +5,9 @@ from ._base import AbstractAttentionKernel as AbstractAttentionKernel
 from ._base import AbstractForwardOnlyKernel as AbstractForwardOnlyKernel
 from ._chunked import ChunkedKernel as ChunkedKernel
 from ._dense import DenseKernel as DenseKernel
+from ._fused import FusedBuildError as FusedBuildError
+from ._fused import FusedCPUKernel as FusedCPUKernel
+from ._fused import fused_cpu_available as fused_cpu_available
 from ._pallas import PallasKernel as PallasKernel
 from ._sharded import ShardedKernel as ShardedKernel
 from ._sharded import auto_mesh as auto_mesh
