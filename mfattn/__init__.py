@@ -59,10 +59,10 @@ from ._kernels import ChunkedKernel as ChunkedKernel
 from ._kernels import DenseKernel as DenseKernel
 from ._kernels import FusedBuildError as FusedBuildError
 from ._kernels import FusedCPUKernel as FusedCPUKernel
-from ._kernels import fused_cpu_available as fused_cpu_available
 from ._kernels import PallasKernel as PallasKernel
 from ._kernels import ShardedKernel as ShardedKernel
 from ._kernels import UnnormalizedKernel as UnnormalizedKernel
+from ._kernels import fused_cpu_available as fused_cpu_available
 from ._limit import limit_gradient as limit_gradient
 from ._limit import solve_limit as solve_limit
 from ._loss import AbstractLoss as AbstractLoss
