@@ -1,15 +1,20 @@
 """The primitives of the seed theorem's study (`benchmarks/theorem7`): the
 split-half bias, the fluctuation among initialisations, the quasi-Monte-Carlo
-sample of `nu_0`, the exact limit of heads i.i.d. in depth, and the study end
-to end (resumable, a foreign file refused)."""
+sample of `nu_0`, the exact limit of heads i.i.d. in depth, the spread along
+training on shared and independent streams, the optimisers of the sweep in
+`d`, and the study end to end (resumable, a foreign file refused)."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from benchmarks.theorem7 import _parts, _summary
+import mfattn
+from benchmarks.theorem7 import _global, _lemma6, _parts, _summary, _summary_training
 from benchmarks.theorem7._config import PRESETS, Theorem7Config
 from benchmarks.theorem7._run import run
 
@@ -151,10 +156,225 @@ def test_presets_are_frozen_and_named():
     assert set(PRESETS) == {"quick", "full", "gpu"}
     for name, cfg in PRESETS.items():
         assert cfg.name == name
-        assert cfg.inits >= 8 and cfg.uniform_inits >= 8  # no interval from fewer
+        # no interval from fewer than 8 initialisations
+        assert min(cfg.inits, cfg.uniform_inits, cfg.global_inits, cfg.lemma6_inits) >= 8
     import dataclasses
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["quick"].inits = 2
     with pytest.raises(ValueError, match="preset"):
         run("medium", None)
+
+
+# --- parts 4 and 5 -------------------------------------------------------------------
+def test_spread_quantities_split_part_one_by_place():
+    rng = np.random.default_rng(2)
+    out = {k: rng.standard_normal((8, 3, 2)) for k in ("x_tokens", "p_tokens", "x_test", "p_test")}
+    s = _global.spread_quantities(out)
+    f = _parts.fluctuation_per_init(out)
+    np.testing.assert_array_equal(s["state"], f["state"])
+    np.testing.assert_array_equal(np.maximum(s["adjoint_tokens"], s["adjoint_far"]), f["adjoint"])
+    assert all(v.shape == (8,) for v in s.values())
+
+
+def test_stream_keys_and_schedule():
+    key = jax.random.key(3)
+    draw = lambda keys: np.asarray(jax.vmap(lambda k: jax.random.normal(k, (2,)))(keys))
+    shared = draw(_global.stream_keys(key, 4, "shared"))
+    indep = draw(_global.stream_keys(key, 4, "independent"))
+    assert np.all(shared == shared[0])
+    assert len({tuple(r) for r in indep}) == 4 and not np.any(np.all(indep == shared[0], axis=1))
+    with pytest.raises(ValueError, match="stream"):
+        _global.stream_keys(key, 4, "other")
+    eta = _global.inverse_sqrt_schedule(0.1, 100.0)
+    np.testing.assert_allclose([eta(0), eta(300)], [0.1, 0.05])
+
+
+def test_trainer_in_chunks_is_one_run_and_streams_do_what_they_say():
+    # two copies of one initialisation: equal on one shared stream, apart on
+    # independent streams; steps 0-1 then 2-3 are steps 0-3 at once
+    cfg = Theorem7Config(name="t", batch=2)
+    p = _parts.inits_of(cfg, jax.random.key(4), 1, 2, 1)
+    params = jax.tree.map(lambda a: jnp.concatenate([a, a]), p)
+    opt = optax.adamw(_global.inverse_sqrt_schedule(0.01, 2.0), weight_decay=1e-3)
+    advance = _global.make_trainer(_parts.task_of(cfg), opt, cfg.beta, cfg.batch)
+    state = jax.vmap(opt.init)(params)
+    for stream in _global.STREAMS:
+        keys = _global.stream_keys(jax.random.key(5), 2, stream)
+        whole, _, loss = advance(params, state, keys, 0, 4)
+        half, s, _ = advance(params, state, keys, 0, 2)
+        half, _, _ = advance(half, s, keys, 2, 4)
+        assert eqx_equal(whole, half)
+        q = np.asarray(whole.Q)
+        assert np.all(np.isfinite(q)) and np.all(np.isfinite(loss))
+        assert (stream == "shared") == bool(np.array_equal(q[0], q[1]))
+
+
+def eqx_equal(a, b):
+    return all(
+        np.allclose(x, y, rtol=1e-12, atol=0)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@pytest.mark.parametrize(
+    "name,ref",
+    [
+        ("adamw", lambda eps: optax.adamw(0.005, eps=eps, weight_decay=1e-3)),
+        (
+            "blockwise_sum",
+            lambda eps: mfattn.blockwise_adamw(0.02, eps=eps, weight_decay=1e-3, reduction="sum"),
+        ),
+        (
+            "blockwise_mean",
+            lambda eps: mfattn.blockwise_adamw(0.005, eps=eps, weight_decay=1e-3, reduction="mean"),
+        ),
+    ],
+)
+def test_theorem_optimizer_is_the_named_one_at_a_fixed_step(name, ref):
+    # the same per-entry step 0.005 at every d (per block 0.005 sqrt(4 k) = 0.02
+    # for the blockwise sum), eps in the state: equal to the plain optimiser
+    cfg = Theorem7Config(name="t")
+    for d in (2, 16):
+        p = mfattn.AttentionParams.xavier_uniform(jax.random.key(d), 2, 2, d, 4)
+        g = jax.tree.map(lambda a: 1e-3 * jnp.cos(7 * a), p)
+        for eps in (1e-8, 1e-3):
+            a, b = _lemma6.theorem_optimizer(cfg, name, eps), ref(eps)
+            sa, sb = a.init(p), b.init(p)
+            for _ in range(2):
+                ua, sa = a.update(g, sa, p)
+                ub, sb = b.update(g, sb, p)
+            assert eqx_equal(ua, ub)
+    with pytest.raises(ValueError, match="name"):
+        _lemma6.theorem_optimizer(cfg, "sgd", 1e-8)
+
+
+def test_head_drift_and_eps_names():
+    p = mfattn.AttentionParams.xavier_uniform(jax.random.key(6), 2, 3, 4, 4)
+    p = jax.tree.map(lambda a: jnp.stack([a, a]), p)  # two initialisations
+    moved = jax.tree.map(lambda a: a.at[1].multiply(1.5), p)
+    np.testing.assert_allclose(_lemma6.head_drift(moved, p), [0.0, 0.5])
+    assert [_lemma6.eps_name(e) for e in (1e-8, 1e-5, 3e-3)] == ["1e-8", "1e-5", "3e-3"]
+
+
+def _synthetic_global(slope, R=16, stream="shared", seed=0):
+    rng = np.random.default_rng(seed)
+    ks = [0, 10, 20, 40, 80, 160]
+    base = np.exp(rng.normal(0, 0.05, R))  # one factor per initialisation
+    per = {
+        q: [(np.maximum(k, 10) ** slope * base * c).tolist() for k in ks]
+        for q, c in zip(_global.QUANTITIES, (1.0, 2.0, 3.0))
+    }
+    return {
+        "L": 2,
+        "H": 2,
+        "stream": stream,
+        "inits": R,
+        "checkpoints": ks,
+        "per_init": per,
+        "train_loss": [None] + [0.1] * 5,
+    }
+
+
+def test_global_fits_read_the_trend_in_k():
+    pts = [_synthetic_global(0.3), _synthetic_global(-0.2, stream="independent", seed=1)]
+    recs = _summary_training.global_records(pts)
+    assert len(recs) == 2 * 6 * 3
+    assert {"L", "H", "k", "stream", "quantity", "value", "ci_low", "ci_high", "inits"} <= set(
+        recs[0]
+    )
+    fits = {(f["stream"], f["quantity"]): f for f in _summary_training.global_fits(pts, 20)}
+    up, down = fits[("shared", "state")], fits[("independent", "state")]
+    assert up["k_from"] == 20 and up["k_to"] == 160
+    np.testing.assert_allclose([up["slope"], down["slope"]], [0.3, -0.2], atol=1e-10)
+    assert up["trend"] == "grows" and down["trend"] == "falls"
+    np.testing.assert_allclose(up["last_over_first_fitted"], 8**0.3)
+    assert "shared_over_independent" in up and "shared_over_independent" not in down
+    rows = _summary_training.training_rows(
+        {"fits": {"global_in_K": list(fits.values())}}, _summary.verdict
+    )
+    verdicts = {r["question"]: r["verdict"] for r in rows}
+    assert verdicts["spread vs k>=20 (x, shared, 2x2)"] == "excluded (grows)"
+    assert verdicts["spread vs k>=20 (x, indep., 2x2)"] == "consistent (falls)"
+
+
+def test_lemma6_fits_per_optimiser():
+    rng = np.random.default_rng(3)
+    pts = []
+    for opt, slope in (("adamw", 0.5), ("blockwise_sum", 0.0)):
+        for d in (2, 4, 8, 16):
+            per = (d**slope * np.exp(rng.normal(0, 0.02, 8))).tolist()
+            pts.append(
+                {
+                    "d": d,
+                    "optimizer": opt,
+                    "eps": 1e-8,
+                    "inits": 8,
+                    "k0": {q: per for q in _global.QUANTITIES},
+                    "kK": {q: per for q in _global.QUANTITIES},
+                    "head_drift": per,
+                    "identity_loss": 0.03,
+                    "train_loss_first": 0.1,
+                    "train_loss_last": 0.05,
+                }
+            )
+    recs = _summary_training.lemma6_records(pts)
+    assert {"d", "optimizer", "eps", "value", "ci_low", "ci_high", "inits", "quantity"} <= set(
+        recs[0]
+    )
+    fits = _summary_training.lemma6_fits(pts)
+    assert set(fits) == {"adamw", "blockwise_sum", "init"}
+    state = {
+        o: next(f for f in fits[o] if f["quantity"] == "state") for o in ("adamw", "blockwise_sum")
+    }
+    assert abs(state["adamw"]["slope"] - 0.5) < 0.05 and state["adamw"]["trend"] == "grows"
+    assert abs(state["blockwise_sum"]["slope"]) < 0.05
+    rows = _summary_training.training_rows({"fits": {"fluctuation_vs_d": fits}}, _summary.verdict)
+    assert any(r["claim"] == "0 (Lemma 6)" and r["verdict"] == "consistent" for r in rows)
+
+
+NEW_PARTS = dataclasses.replace(
+    TINY,
+    L=(),
+    H=(),
+    bias_L=(),
+    uniform_n=(),
+    global_LH=((1, 2),),
+    global_inits=8,
+    global_checkpoints=(0, 1, 3),
+    global_fit_from=1,
+    lemma6_d=(2, 3),
+    lemma6_L=1,
+    lemma6_H=2,
+    lemma6_steps=2,
+    lemma6_optimizers=("adamw",),
+    lemma6_eps=(1e-8, 1e-3),
+)
+
+
+@pytest.mark.slow
+def test_new_parts_end_to_end_resume(tmp_path, monkeypatch):
+    jax.config.update("jax_enable_x64", True)
+    out = tmp_path / "t7.json"
+    data = run(NEW_PARTS, out, progress=False)
+    assert data["complete"]
+    assert {r["stream"] for r in data["global_in_K"]} == {"shared", "independent"}
+    assert {r["k"] for r in data["global_in_K"]} == {0, 1, 3}
+    assert {(r["d"], r["eps"]) for r in data["lemma6_d"]} == {
+        (2, 1e-8),
+        (3, 1e-8),
+        (2, 1e-3),
+        (3, 1e-3),
+    }
+    assert len(data["fits"]["global_in_K"]) == 2 * 3
+    assert set(data["fits"]["fluctuation_vs_d"]) == {"adamw", "init"}
+    for suffix in ("global", "lemma6"):
+        assert (tmp_path / f"t7_{suffix}.png").stat().st_size > 0
+    assert "spread at K vs d (AdamW, 1e-08)" in _summary.table(data)
+    monkeypatch.setattr(_global, "global_point", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(_lemma6, "lemma6_point", lambda *a: pytest.fail("recomputed"))
+    again = run(NEW_PARTS, out, progress=False)
+    assert again["fits"] == data["fits"]
+    other = dataclasses.replace(NEW_PARTS, global_decay=7.0)
+    with pytest.raises(RuntimeError, match="global-L1-H2-shared.json"):
+        run(other, out, progress=False)

@@ -12,7 +12,14 @@ part is built so that its cost does not cap the sizes:
    bias of the mean over many initialisations by a split-half estimate, free
    of the Monte-Carlo noise of the mean;
 3. the sup of the fluctuation over token sets of `n` tokens (projected
-   gradient ascent on the token positions), unmasked and causal.
+   gradient ascent on the token positions), unmasked and causal;
+4. the fluctuation along training, to `K = 2000` steps at the decaying step
+   `eta_k = eta / sqrt(1 + k / 100)`, on one shared data stream and, as a
+   control, on one independent stream per initialisation (the data's noise),
+   the state apart from the adjoint at the tokens and at test points;
+5. the fluctuation after `K` steps against `d = 2 ... 64` (Lemma 6), with
+   AdamW at a fixed per-entry step against blockwise AdamW (sum and mean), and
+   Adam's `eps` swept.
 
     python -m benchmarks.theorem7 --quick     # about two minutes on 2 cores
     python -m benchmarks.theorem7             # the full preset (resumable)
@@ -21,7 +28,8 @@ part is built so that its cost does not cap the sizes:
 
 Results: `benchmarks/results/theorem7{,_quick,_gpu}.json`, one file per
 condition in the folder of the same name (resumable), and the PNGs
-`*_fluctuation.png`, `*_bias.png`, `*_uniform.png`.
+`*_fluctuation.png`, `*_bias.png`, `*_uniform.png`, `*_global.png`,
+`*_lemma6.png`.
 """
 
 from ._config import PRESETS as PRESETS

@@ -62,6 +62,26 @@ class Theorem7Config:
     causal: tuple[bool, ...] = (False, True)
     boots: int = 400
     """bootstrap resamples of the bias's interval"""
+    # part 4: the fluctuation along training, one shared stream against
+    # independent streams (the control)
+    global_LH: tuple[tuple[int, int], ...] = ((4, 4),)
+    global_inits: int = 8
+    global_checkpoints: tuple[int, ...] = (0, 8, 16, 32, 64)
+    global_decay: float = 100.0
+    """the per-entry step `eta / sqrt(d k) / sqrt(1 + k / global_decay)`"""
+    global_fit_from: int = 16
+    """the fits of the spread in `k` use the checkpoints from this one on"""
+    # part 5: Lemma 6 and `d`, AdamW against blockwise AdamW, Adam's `eps`
+    lemma6_d: tuple[int, ...] = (2, 8)
+    lemma6_head_dim: int = 4
+    lemma6_L: int = 4
+    lemma6_H: int = 4
+    lemma6_inits: int = 8
+    lemma6_steps: int = 20
+    lemma6_optimizers: tuple[str, ...] = ("adamw", "blockwise_sum")
+    lemma6_eps: tuple[float, ...] = (1e-8,)
+    lemma6_eta_entry: float = 0.005
+    """AdamW's per-entry step at every `d` (`eta / sqrt(4 k)`: part 1's at `d = 4`)"""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,6 +106,15 @@ PRESETS = {
         uniform_inits=16,
         ascent_steps=40,
         ascent_restarts=3,
+        global_LH=((4, 4), (16, 16)),
+        global_inits=16,
+        global_checkpoints=(0, 16, 32, 63, 125, 250, 500, 1000, 2000),
+        global_fit_from=250,
+        lemma6_d=(2, 4, 8, 16, 32, 64),
+        lemma6_inits=16,
+        lemma6_steps=200,
+        lemma6_optimizers=("adamw", "blockwise_sum", "blockwise_mean"),
+        lemma6_eps=(1e-8, 1e-5, 1e-3),
     ),
 }
 PRESETS["gpu"] = dataclasses.replace(

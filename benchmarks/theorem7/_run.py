@@ -10,7 +10,7 @@ import jax
 
 from benchmarks.scaling._run import write_json  # atomic, synced
 
-from . import _parts
+from . import _global, _lemma6, _parts
 from ._config import PRESETS, Theorem7Config
 from ._plots import plot_all
 from ._summary import summarize
@@ -42,6 +42,32 @@ PART_FIELDS = {
         "ascent_steps",
         "ascent_restarts",
         "ascent_step_size",
+    ),
+    "global": COMMON_FIELDS
+    + (
+        "tokens",
+        "eta",
+        "weight_decay",
+        "batch",
+        "probes",
+        "test_points",
+        "global_inits",
+        "global_checkpoints",
+        "global_decay",
+    ),
+    "lemma6": ("seed", "clusters", "beta")
+    + (
+        "tokens",
+        "weight_decay",
+        "batch",
+        "probes",
+        "test_points",
+        "lemma6_head_dim",
+        "lemma6_L",
+        "lemma6_H",
+        "lemma6_inits",
+        "lemma6_steps",
+        "lemma6_eta_entry",
     ),
 }
 
@@ -96,7 +122,8 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     """Run (or resume) the preset `preset` (a name of `PRESETS` or a
     `Theorem7Config`); write the study JSON `out`, the
     per-condition files in the folder next to it (`out` without `.json`), and
-    the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_uniform.png`.
+    the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_uniform.png`,
+    `_global.png`, `_lemma6.png`.
     With `budget` (seconds), no condition starts after it is spent: the JSON
     then summarises the conditions done, and lists the others in `skipped`."""
     if isinstance(preset, Theorem7Config):
@@ -110,7 +137,7 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     conds = Conditions(out.with_suffix(""), cfg, resume, budget)
     records = {"device": str(jax.devices()[0].device_kind)}
     grid = sorted(((L, H) for L in cfg.L for H in cfg.H), key=lambda g: (g[0] * g[1], g))
-    log(f"[1/3] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
+    log(f"[1/5] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
     fl = []
     for i, (L, H) in enumerate(grid):
         rec = conds.get(
@@ -125,7 +152,7 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
             f"{sum(rec['kK']['total']) / rec['inits']:.4g} ({rec['seconds']:.1f} s)"
         )
     records["fluctuation"] = fl
-    log(f"[2/3] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
+    log(f"[2/5] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
     ref = None
     if cfg.bias_L:
         ref = conds.get("bias-reference", lambda: _parts.bias_reference(cfg), log)
@@ -148,7 +175,7 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
             f"mean {rec['noise_of_mean']:.3g}; {rec['seconds']:.1f} s)"
         )
     records["bias"] = bias
-    log("[3/3] sup of the fluctuation over token sets")
+    log("[3/5] sup of the fluctuation over token sets")
     uni = []
     for causal in cfg.causal:
         for n in cfg.uniform_n:
@@ -165,8 +192,52 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
                 f"{rec['seconds']:.1f} s)"
             )
     records["uniform"] = uni
+    log(
+        f"[4/5] spread along training, {cfg.global_inits} initialisations, shared and "
+        "independent streams"
+    )
+    glo = []
+    for L, H in sorted(cfg.global_LH, key=lambda g: (g[0] * g[1], g)):
+        for stream in _global.STREAMS:
+            rec = conds.get(
+                f"global-L{L}-H{H}-{stream}",
+                lambda L=L, H=H, stream=stream: _global.global_point(cfg, L, H, stream),
+                log,
+            )
+            if rec is None:
+                continue
+            glo.append(rec)
+            state = [sum(v) / len(v) for v in rec["per_init"]["state"]]
+            log(
+                f"  L={L} H={H} {stream}: state spread "
+                + ", ".join(f"k={k} {v:.3g}" for k, v in zip(rec["checkpoints"], state))
+                + f" ({rec['seconds']:.1f} s)"
+            )
+    records["global"] = glo
+    log(f"[5/5] spread after {cfg.lemma6_steps} steps against d, per optimiser and eps")
+    l6 = []
+    for eps in cfg.lemma6_eps:  # the first eps at every d first: a stopped run has its fit
+        for d in cfg.lemma6_d:
+            for opt in cfg.lemma6_optimizers:
+                name = f"lemma6-d{d}-{opt}-eps{_lemma6.eps_name(eps)}"
+                rec = conds.get(
+                    name,
+                    lambda d=d, opt=opt, eps=eps: _lemma6.lemma6_point(cfg, d, opt, eps),
+                    log,
+                )
+                if rec is None:
+                    continue
+                l6.append(rec)
+                log(
+                    f"  d={d} {opt} eps={eps:g}: state spread "
+                    f"{sum(rec['k0']['state']) / rec['inits']:.3g} -> "
+                    f"{sum(rec['kK']['state']) / rec['inits']:.3g}, loss "
+                    f"{rec['train_loss_first']:.3g} -> {rec['train_loss_last']:.3g} "
+                    f"({rec['seconds']:.1f} s)"
+                )
+    records["lemma6"] = l6
     records["wall_seconds"] = sum(
-        r.get("seconds", 0.0) for r in [*fl, *([ref] if ref else []), *bias, *uni]
+        r.get("seconds", 0.0) for r in [*fl, *([ref] if ref else []), *bias, *uni, *glo, *l6]
     )
     data = summarize(cfg, records)
     data["complete"] = not conds.skipped

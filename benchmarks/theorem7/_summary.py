@@ -5,6 +5,13 @@ import numpy as np
 import mfattn
 
 from ._config import Theorem7Config
+from ._summary_training import (
+    global_fits,
+    global_records,
+    lemma6_fits,
+    lemma6_records,
+    training_rows,
+)
 
 
 def _interval(per_init) -> dict:
@@ -180,13 +187,14 @@ def questions(data: dict) -> list[dict]:
             "ci",
             [("0 (uniform in n)", 0.0)],
         )
+    rows.extend(training_rows(data, verdict))
     return rows
 
 
 def table(data: dict) -> str:
     """The plain-text table the main job prints."""
     rows = questions(data)
-    head = f"{'question':38s} {'exponent [95% interval]':24s} {'answer':27s} verdict"
+    head = f"{'question':44s} {'exponent [95% interval]':24s} {'answer':27s} verdict"
     note = (
         "spread: among initialisations trained on one data stream (no limit needed); "
         "CLT: a central limit over the L H independent heads; bound: the theorem's "
@@ -195,7 +203,7 @@ def table(data: dict) -> str:
     lines = [note, "", head, "-" * len(head)]
     for r in rows:
         m = f"{r['measured']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]"
-        lines.append(f"{r['question']:38s} {m:24s} {r['claim']:27s} {r['verdict']}")
+        lines.append(f"{r['question']:44s} {m:24s} {r['claim']:27s} {r['verdict']}")
     c = data["config"]
     ref = data.get("bias_reference", {})
     lines.append("")
@@ -207,6 +215,20 @@ def table(data: dict) -> str:
         f"{ref.get('M_vs_4M', float('nan')):.2g}); sup over token sets: L = H = "
         f"{c['uniform_L']}, k = 0, the state only."
     )
+    if data.get("global_in_K"):
+        lines.append(
+            f"Spread vs k: {c['global_inits']} initialisations at (L, H) in "
+            f"{[tuple(t) for t in c['global_LH']]}, AdamW at the step "
+            f"eta / sqrt(1 + k / {c['global_decay']:g}), to k = {c['global_checkpoints'][-1]}; "
+            "shared: one data stream; indep.: one stream per initialisation (the control)."
+        )
+    if data.get("lemma6_d"):
+        lines.append(
+            f"Spread vs d: {c['lemma6_inits']} initialisations, L = {c['lemma6_L']}, "
+            f"H = {c['lemma6_H']}, k = {c['lemma6_head_dim']}, K = {c['lemma6_steps']} steps "
+            f"at a fixed per-entry step {c['lemma6_eta_entry']:g} (blockwise: per block "
+            "x sqrt(4 k)), d in " + str(list(c["lemma6_d"])) + ", the state."
+        )
     return "\n".join(lines)
 
 
@@ -256,5 +278,9 @@ def summarize(cfg: Theorem7Config, records: dict) -> dict:
         ],
         "wall_seconds": records.get("wall_seconds"),
     }
+    data["global_in_K"] = global_records(records.get("global", []))
+    data["lemma6_d"] = lemma6_records(records.get("lemma6", []))
+    fits["global_in_K"] = global_fits(records.get("global", []), cfg.global_fit_from)
+    fits["fluctuation_vs_d"] = lemma6_fits(records.get("lemma6", []))
     data["questions"] = questions(data)
     return data
