@@ -347,6 +347,29 @@ def _attend_vjp_bwd(cfg, res, cts):
 _attend_vjp.defvjp(_attend_vjp_fwd, _attend_vjp_bwd)
 
 
+# The closed-form backward pass, differentiable (a solve differentiated in
+# `beta` or in its initial condition differentiates the adjoint too): the
+# tangent is the pure-JAX kernel's, as for the forward pass.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pullback(cfg, q, k, v, w, o, lse, c, u, beta, qpos, kpos):
+    delta = jnp.sum(c * o, -1)
+    dqb, dk, dv, _ = _backward(cfg, q, k, v, w, beta, qpos, kpos, lse, delta, c, u)
+    return beta * dqb, dk, dv
+
+
+@_pullback.defjvp
+def _pullback_jvp_rule(cfg, primals, tangents):
+    qpos, kpos = primals[-2:]
+
+    def pure(q, k, v, w, o, lse, c, u, beta):
+        kernel = _fallback(cfg, k.shape[-2])
+        return kernel.backward(q, k, v, w, o, lse, c, u, beta, qpos, kpos)
+
+    return jax.jvp(pure, primals[:-2], tangents[:-2])
+
+
 # ------------------------------------------------------------ the kernel
 
 
@@ -371,7 +394,9 @@ class FusedCPUKernel(AbstractAttentionKernel):
     chunks of 128 (`autodiff="jvp"`). With
     `autodiff="vjp"`, reverse mode runs through the fused backward pass
     instead (forward mode is then not available). The solvers' closed-form
-    adjoints call `backward`, which is fused either way.
+    adjoints call `backward`, which is fused either way; differentiating it
+    (a solve differentiated in `beta` or its initial condition) goes through
+    the pure-JAX kernels in the same way.
 
     **Arguments:**
 
@@ -434,9 +459,7 @@ class FusedCPUKernel(AbstractAttentionKernel):
         qpos, kpos = check_positions(self, qpos, kpos)
         cfg = self._config(q, k, v)
         beta = jnp.asarray(beta, q.dtype)
-        delta = jnp.sum(c * o, -1)
-        dqb, dk, dv, _ = _backward(cfg, q, k, v, w, beta, qpos, kpos, aux, delta, c, u)
-        return beta * dqb, dk, dv
+        return _pullback(cfg, q, k, v, w, o, aux, c, u, beta, qpos, kpos)
 
     def weights(self, q, k, w, beta, qpos=None, kpos=None):
         return _dense(_Config(bool(self.causal), bool(self.strict), self.alibi_slope)).weights(
