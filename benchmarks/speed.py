@@ -228,6 +228,18 @@ def worker_peak(repeats):
     ex = jax.jit(jnp.exp)
     te = statistics.median(_time(lambda: jax.block_until_ready(ex(e)), repeats))
     out = {"jax_matmul_gflops": 2 * 2048**3 / t / 1e9, "jax_exp_per_s": (1 << 24) / te}
+    import mfattn
+
+    if mfattn.fused_cpu_available():
+        # the fused kernel's forward alone, on blocks that stay in cache: the
+        # exponentials per second it reaches with its scores and products around
+        # them (512 heads of 256 queries and keys, k = 4), its own ceiling
+        G, n = 512, 256
+        q = 0.5 * jax.random.normal(jax.random.key(2), (G, n, 4), jnp.float32)
+        w = jnp.full((n,), 1.0 / n, jnp.float32)
+        fw = jax.jit(lambda q: mfattn.FusedCPUKernel().forward(q, q, q, w, 1.0))
+        tf = statistics.median(_time(lambda: jax.block_until_ready(fw(q)), repeats))
+        out["fused_forward_exp_per_s"] = G * n * n / tf
     try:
         import torch
 
@@ -294,6 +306,11 @@ def main(argv=None):
     print(
         f"machine: JAX f32 matmul {peak['jax_matmul_gflops']:.1f} GFLOP/s, exp "
         f"{peak['jax_exp_per_s'] / 1e9:.2f} G/s"
+        + (
+            f"; fused kernel forward alone {peak['fused_forward_exp_per_s'] / 1e9:.2f} Gexp/s"
+            if "fused_forward_exp_per_s" in peak
+            else ""
+        )
         + (
             f"; torch matmul {peak['torch_matmul_gflops']:.1f} GFLOP/s, exp "
             f"{peak['torch_exp_per_s'] / 1e9:.2f} G/s"

@@ -9,6 +9,8 @@ its other jobs as subcommands.
     mfattn scaling [--quick | --medium] [--out FILE] ...   # the convergence study
                               # against the trained limit (`mfattn scaling --help`)
     mfattn train [options]    # train one transformer (`mfattn train --help`)
+    mfattn kernel             # build the fused CPU kernel now (else on first use)
+                              # and say where it is and how many threads it runs
 
 The studies live in `benchmarks/theorem7/` and `benchmarks/scaling/` of the
 repository (they are no part of the library): `mfattn`, `mfattn theorem7` and
@@ -252,6 +254,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         add_help=False,
         help="the convergence study against the trained limit (benchmarks/scaling/)",
     )
+    sub.add_parser(
+        "kernel",
+        help="build the fused CPU attention kernel now and say where it is",
+    )
     train = sub.add_parser(
         "train",
         help="train one small transformer and write its results",
@@ -259,6 +265,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     _train_arguments(train)
     return parser, train
+
+
+def _kernel() -> int:
+    """Build the fused CPU kernel and report; exit status 1 where it cannot be built."""
+    from ._kernels import _fused
+
+    t0 = time.perf_counter()
+    err = _fused.fused_cpu_error()
+    if err is not None:
+        print(f"the fused CPU kernel is not available: {err}", file=sys.stderr)
+        print("mfattn.AutoKernel uses the pure-JAX kernels instead", file=sys.stderr)
+        return 1
+    lib = _fused._build()
+    print(f"fused CPU kernel: {lib} ({time.perf_counter() - t0:.1f} s)")
+    print(f"threads: {_fused.fused_cpu_threads()} (OpenMP; OMP_NUM_THREADS to change)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -282,6 +304,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args, train)
+    if args.command == "kernel":
+        return _kernel()
     parser.error("a command is required")  # e.g. `mfattn --seed 1`: options without one
 
 

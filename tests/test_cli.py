@@ -159,3 +159,13 @@ def test_train_end_to_end_and_resume(tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["resumed"] is True and again["resumed_from_step"] == 2
     assert (out / "history.json").exists() and (out / "params.eqx").exists()
+
+
+def test_kernel_builds_and_reports(capsys, monkeypatch):
+    if mfattn.fused_cpu_available():
+        assert cli.main(["kernel"]) == 0
+        out = capsys.readouterr().out
+        assert "fused CPU kernel: " in out and ".so" in out and "threads: " in out
+    monkeypatch.setenv("MFATTN_FUSED_CPU", "0")
+    assert cli.main(["kernel"]) == 1
+    assert "MFATTN_FUSED_CPU=0" in capsys.readouterr().err
