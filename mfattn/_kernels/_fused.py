@@ -52,12 +52,22 @@ class FusedBuildError(RuntimeError):
 
 
 def cache_dir() -> pathlib.Path:
-    """Where the compiled kernel is kept."""
+    """Where the compiled kernel is kept: `$MFATTN_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/mfattn` or `~/.cache/mfattn`, else (where that cannot be
+    created or written) a directory of this user's in the temporary directory."""
     env = os.environ.get("MFATTN_CACHE_DIR")
     if env:
         return pathlib.Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "mfattn"
+    path = pathlib.Path(base) / "mfattn"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return pathlib.Path(tempfile.gettempdir()) / f"mfattn-{uid}"
 
 
 def _compiler() -> str | None:
