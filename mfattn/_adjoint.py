@@ -26,22 +26,61 @@ class ClosedFormAdjoint(AbstractLimitAdjoint):
     """Gradients of the limit by its closed-form adjoint ODE (optimise, then
     discretise; docs/theory.md, section 6): the backward McKean-Vlasov ODE is
     integrated with the forward solve's solver and step-size controller,
-    reading `x(t)` from its dense output, and `int b_j(t) g(theta(t), t) dt` is
-    accumulated for every grid node as extra states. The default `adjoint=` of
-    [`mfattn.limit_gradient`][]."""
+    reading `x(t)` from the forward solution, and `int b_j(t) g(theta(t), t) dt`
+    is accumulated for every grid node as extra states. The default `adjoint=`
+    of [`mfattn.limit_gradient`][].
+
+    **Arguments** (keyword-only):
+
+    - `checkpoints`: `None` (default) to read `x(t)` from the dense output of
+      one forward solve, whose buffers Diffrax sizes by `max_steps` (memory
+      `O(max_steps n d)` however few steps are taken); or a number `C` of
+      equal segments of `[0, 1]`. The forward solve then keeps the states at
+      the `C + 1` segment ends only, and the adjoint ODE is solved segment by
+      segment from the last: on each, the forward ODE is solved again from
+      the segment's first state with dense output of at most
+      `segment_max_steps` steps, and the adjoint reads `x(t)` from it. Memory
+      `O((C + segment_max_steps) n d)` whatever `max_steps` (as Diffrax's
+      `RecursiveCheckpointAdjoint(checkpoints=...)` trades recomputation for
+      memory), for about twice the forward work and, at every segment end,
+      the restart of the step-size controller; the result agrees with the
+      dense one to the solver's tolerance. Not with `diffrax.StepTo`.
+    - `segment_max_steps`: the steps one segment's forward solve may take
+      (default 64); a segment that needs more fails like a solve that
+      reaches `max_steps` (raise it or `checkpoints`).
+    """
+
+    checkpoints: int | None = eqx.field(static=True)
+    segment_max_steps: int = eqx.field(static=True)
+
+    def __init__(self, *, checkpoints: int | None = None, segment_max_steps: int | None = None):
+        from ._limit import SEGMENT_MAX_STEPS, check_checkpoints
+
+        if segment_max_steps is None:
+            segment_max_steps = SEGMENT_MAX_STEPS
+        self.checkpoints, self.segment_max_steps = check_checkpoints(checkpoints, segment_max_steps)
 
     def loss_and_integrals(self, problem):
         from ._limit import finite
 
         name = "limit_gradient's forward solve"
-        fwd = problem.forward(diffrax.SaveAt(t1=True, dense=True), name=name)
-        X1, Z1 = finite((fwd.ys[0][-1], fwd.ys[1][-1]), name)
+        bname = "limit_gradient's adjoint solve"
+        if self.checkpoints is None:
+            fwd = problem.forward(diffrax.SaveAt(t1=True, dense=True), name=name)
+            X1, Z1 = finite((fwd.ys[0][-1], fwd.ys[1][-1]), name)
+            value, P1, PZ1 = problem.terminal(X1, Z1)
+            bwd = problem.backward(fwd, P1, PZ1, integrate_gradient=True, name=bname)
+            integral = jax.tree.map(lambda a: a[-1], bwd.ys[2])
+            return value, finite(integral, bname)
+        ts = problem.checkpoint_times(self.checkpoints)
+        fwd = problem.forward(diffrax.SaveAt(ts=ts), name=name)
+        Xs, Zs = fwd.ys
+        X1, Z1 = finite((Xs[-1], Zs[-1]), name)
         value, P1, PZ1 = problem.terminal(X1, Z1)
-        bwd = problem.backward(
-            fwd, P1, PZ1, integrate_gradient=True, name="limit_gradient's adjoint solve"
+        y0, _, _, _ = problem.backward_segments(
+            ts, Xs, Zs, P1, PZ1, self.segment_max_steps, integrate_gradient=True, name=bname
         )
-        integral = jax.tree.map(lambda a: a[-1], bwd.ys[2])
-        return value, finite(integral, "limit_gradient's adjoint solve")
+        return value, finite(y0[2], bname)
 
 
 class DiffraxAdjoint(AbstractLimitAdjoint):

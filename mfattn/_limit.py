@@ -9,6 +9,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from . import _solver_options as opts
@@ -29,6 +30,32 @@ from ._solution import Solution
 from ._vector_field import AdjointVectorField, AttentionVectorField
 
 _DENSE_ADJOINTS = (diffrax.RecursiveCheckpointAdjoint, diffrax.DirectAdjoint)
+# the checkpointed adjoint's default cap on the steps of one segment's forward
+# solve: its dense output holds this many steps, whatever `max_steps` is
+SEGMENT_MAX_STEPS = 64
+
+
+def check_checkpoints(checkpoints, segment_max_steps):
+    """`checkpoints` (`None` or a positive int) and `segment_max_steps` (a
+    positive int), checked at trace time."""
+    for name, value, none_ok in (
+        ("checkpoints", checkpoints, True),
+        ("segment_max_steps", segment_max_steps, False),
+    ):
+        if value is None and none_ok:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            allowed = "a positive int or None" if none_ok else "a positive int"
+            raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return (None if checkpoints is None else int(checkpoints)), int(segment_max_steps)
+
+
+class _Checked(eqx.Module):
+    """A value and the `diffrax.RESULTS` of the solves that made it (what
+    `check_solve` reads)."""
+
+    value: object
+    result: diffrax.RESULTS
 
 
 def as_path(params, times=None, interpolation=None, name="params") -> ParamPath:
@@ -141,18 +168,138 @@ class LimitProblem(eqx.Module):
         )
         return self._check(sol, name)
 
+    def checkpoint_times(self, checkpoints):
+        """`checkpoints + 1` equally spaced times from `0` to `1`: the ends of
+        the checkpointed adjoint's segments."""
+        return jnp.linspace(0.0, 1.0, checkpoints + 1, dtype=self.path.times.dtype)
+
+    def backward_segments(
+        self,
+        ts,
+        Xs,
+        Zs,
+        P1,
+        PZ1,
+        segment_max_steps,
+        *,
+        integrate_gradient=False,
+        query=None,
+        name="the adjoint solve",
+    ):
+        """The closed-form adjoint ODE from `t = 1` to `0`, one segment
+        `[ts[c], ts[c + 1]]` at a time, the last first (a `lax.scan`): on each,
+        the forward ODE is solved again from its checkpoint `(Xs[c], Zs[c])`
+        with dense output of at most `segment_max_steps` steps, and the adjoint
+        ODE across the segment reads `x(t)` from it. The memory is that of the
+        checkpoints and of one segment's dense output, whatever `max_steps`.
+
+        **Returns:** `(y0, at_query, result, steps)`: the adjoint states at
+        `t = 0` (with the gradient integrals as a third state when
+        `integrate_gradient`), `(X, Z, P, PZ)` at the times `query` (or `None`),
+        the worst `diffrax.RESULTS` of the solves (checked when `throw`), and
+        the adjoint solves' accepted steps.
+        """
+        if isinstance(self.controller, diffrax.StepTo):
+            raise ValueError(
+                "`checkpoints` needs an adaptive or a constant step size; with "
+                "`stepsize_controller=diffrax.StepTo(...)` leave `checkpoints=None`"
+            )
+        y1 = (P1, PZ1)
+        if integrate_gradient:
+            y1 = y1 + (jax.tree.map(jnp.zeros_like, self.path.params),)
+        dt0 = None if self.dt0 is None else -self.dt0
+        n_seg = ts.shape[0] - 1
+        if query is not None:  # the backward solves save at decreasing times
+            order = jnp.argsort(-query, stable=True)
+            qs = query[order]
+            q_seg = jnp.clip(jnp.searchsorted(ts, qs, side="right") - 1, 0, n_seg - 1)
+            nq = qs.shape[0]
+            acc = (
+                jnp.zeros((nq,) + Xs.shape[1:], Xs.dtype),
+                jnp.zeros((nq,) + Zs.shape[1:], Zs.dtype),
+                jnp.zeros((nq,) + P1.shape, P1.dtype),
+                jnp.zeros((nq,) + PZ1.shape, PZ1.dtype),
+            )
+        else:
+            acc = None
+
+        def segment(carry, xs):
+            y, acc, fres, bres, steps = carry
+            c, a, b, Xa, Za = xs
+            fwd = diffrax.diffeqsolve(
+                diffrax.ODETerm(self.vf),
+                self.solver,
+                a,
+                b,
+                self.dt0,
+                (Xa, Za),
+                saveat=diffrax.SaveAt(t1=True, dense=True),
+                stepsize_controller=self.controller,
+                max_steps=segment_max_steps,
+                throw=False,
+            )
+            if query is None:
+                saveat = diffrax.SaveAt(t1=True)
+            else:
+                tq = jnp.clip(qs, a, b)
+                saveat = diffrax.SaveAt(ts=tq, t1=True)
+            bwd = diffrax.diffeqsolve(
+                diffrax.ODETerm(AdjointVectorField(self.vf, fwd)),
+                self.solver,
+                b,
+                a,
+                dt0,
+                y,
+                saveat=saveat,
+                stepsize_controller=self.controller,
+                max_steps=self.max_steps,
+                throw=False,
+            )
+            if query is not None:
+                inside = q_seg == c
+                new = jax.vmap(fwd.evaluate)(tq) + (bwd.ys[0][:-1], bwd.ys[1][:-1])
+                acc = jax.tree.map(
+                    lambda n, o: jnp.where(inside.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                    new,
+                    acc,
+                )
+            y = jax.tree.map(lambda s: s[-1], bwd.ys)
+            fres, bres = _worst(fres, fwd.result), _worst(bres, bwd.result)
+            steps = steps + bwd.stats["num_accepted_steps"].astype(steps.dtype)
+            return (y, acc, fres, bres, steps), None
+
+        ok = diffrax.RESULTS.successful
+        init = (y1, acc, ok, ok, jnp.asarray(0))
+        segs = (jnp.arange(n_seg), ts[:-1], ts[1:], Xs[:-1], Zs[:-1])
+        (y0, acc, fres, bres, steps), _ = jax.lax.scan(segment, init, segs, reverse=True)
+        if acc is not None:
+            back = jnp.argsort(order)
+            acc = jax.tree.map(lambda a: a[back], acc)
+        if self.throw:
+            out = _Checked((y0, acc), fres)
+            out = check_solve(
+                out,
+                f"{name} (a segment's forward solve, capped at segment_max_steps="
+                f"{segment_max_steps} steps: raise it or `checkpoints`)",
+            )
+            y0, acc = check_solve(eqx.tree_at(lambda c: c.result, out, bres), name).value
+        return y0, acc, _worst(fres, bres), steps
+
+    def grad_map(self, t, layer, X, Z, P, PZ):
+        """The gradient map `g(theta, t)` of the heads `layer` (leaves
+        `(M, d, k)`) at the states `X`, `Z` and adjoints `P`, `PZ` at time `t`
+        (extra particles enter when they are probes)."""
+        P = self.vf.geometry.tangent(X, P)
+        if not self.vf.probes:
+            Z = PZ = None
+        return self.vf.adjoint(t, X, Z, P, PZ, layer=(layer, None))[2]
+
     def node_grads(self, fwd, bwd, ts=None):
         """The gradient map at the grid nodes (or at `ts`), from the forward and
         adjoint dense solutions (extra particles enter when they are probes)."""
-        probes = self.vf.probes
 
         def grad_at(t, layer):
-            X, Z = fwd.evaluate(t)
-            P, PZ = bwd.evaluate(t)
-            P = self.vf.geometry.tangent(X, P)
-            if not probes:
-                Z = PZ = None
-            return self.vf.adjoint(t, X, Z, P, PZ, layer=(layer, None))[2]
+            return self.grad_map(t, layer, *fwd.evaluate(t), *bwd.evaluate(t))
 
         if ts is None:
             return jax.vmap(grad_at)(self.path.times, self.path.params)
@@ -275,6 +422,8 @@ def solve_limit(
     mesh=None,
     geometry: AbstractGeometry | str | None = None,
     normalization: str | None = None,
+    checkpoints: int | None = None,
+    segment_max_steps: int = SEGMENT_MAX_STEPS,
 ) -> Solution:
     """Solve the mean-field limit: the forward McKean-Vlasov ODE, its closed-form
     adjoint ODE, and the gradient map at the depth-grid nodes (docs/theory.md,
@@ -339,6 +488,18 @@ def solve_limit(
       tangent parts `P_x p`, comparable with [`mfattn.solve_discrete`][]'s
       (the normal part depends on how `F` is extended off the sphere and
       enters no gradient).
+    - `checkpoints`: `None` (default) to read `x(t)` in the adjoint solve from
+      the forward solve's dense output, whose buffers Diffrax sizes by
+      `max_steps` (memory `O(max_steps n d)`); or a number `C` of equal
+      segments of `[0, 1]`: the forward solve keeps the states at their ends
+      only, and the adjoint solve, segment by segment from the last, solves
+      the forward again on the segment with dense output of at most
+      `segment_max_steps` steps (memory `O((C + segment_max_steps) n d)`,
+      whatever `max_steps`, for about twice the forward work; see
+      [`mfattn.ClosedFormAdjoint`][]). Not with `diffrax.StepTo`.
+    - `segment_max_steps`: the steps one segment's forward solve may take
+      (default 64); a segment that needs more fails like a solve that
+      reaches `max_steps`.
 
     **Returns:** a [`mfattn.Solution`][]; `grads` has the shape of the grid.
 
@@ -354,6 +515,7 @@ def solve_limit(
             f"`adjoint` must be a diffrax adjoint (it differentiates the forward solve), got "
             f"{type(adjoint).__name__}; for the limit's gradient see mfattn.limit_gradient"
         )
+    checkpoints, segment_max_steps = check_checkpoints(checkpoints, segment_max_steps)
     prob = limit_problem(
         params,
         measure,
@@ -380,6 +542,10 @@ def solve_limit(
     path = prob.path
     nodes = path.times
     save = opts.save_times(saveat, path.save_times(), dtype=nodes.dtype)
+    if checkpoints is not None:
+        return _solve_checkpointed(
+            prob, save, adjoint, checkpoints, segment_max_steps, test_points is not None
+        )
     dense_adjoint = isinstance(adjoint, _DENSE_ADJOINTS)
     fname = "solve_limit's forward solve"
     fwd = prob.forward(
@@ -417,6 +583,51 @@ def solve_limit(
             "backward_steps": bwd.stats["num_accepted_steps"],
         },
         result=None if throw else _worst(fwd.result, bwd.result),
+    )
+
+
+def _solve_checkpointed(prob, save, adjoint, checkpoints, segment_max_steps, has_test):
+    """`solve_limit` with the checkpointed adjoint: one forward solve saving at
+    the reported times and the segments' ends (differentiable through the
+    user's `adjoint`), then the adjoint segment by segment, collecting the
+    states and adjoints at the reported times and at the grid nodes."""
+    fname = "solve_limit's forward solve"
+    path = prob.path
+    ck = prob.checkpoint_times(checkpoints)
+    times = jnp.concatenate([save, ck])
+    order = jnp.argsort(times, stable=True)
+    fwd = prob.forward(diffrax.SaveAt(ts=times[order]), adjoint, fname)
+    ys = jax.tree.map(lambda a: a[jnp.argsort(order)], fwd.ys)
+    ns = save.shape[0]
+    xs, zs = ys[0][:ns], ys[1][:ns]
+    Xc, Zc = ys[0][ns:], ys[1][ns:]
+    X1, Z1 = Xc[-1], Zc[-1]
+    if prob.throw:
+        X1, Z1 = finite((X1, Z1), fname)
+    loss_value, P1, PZ1 = prob.terminal(X1, Z1)
+    query = jnp.concatenate([save, path.times])
+    _, (qx, qz, qp, qpz), bres, bsteps = prob.backward_segments(
+        ck, Xc, Zc, P1, PZ1, segment_max_steps, query=query, name="solve_limit's adjoint solve"
+    )
+    ps, pzs = qp[:ns], qpz[:ns]
+    if prob.throw:
+        ps, pzs = finite((ps, pzs), "solve_limit's adjoint solve")
+    tangent = prob.vf.geometry.tangent
+    ps, pzs = tangent(xs, ps), tangent(zs, pzs)
+    grads = jax.vmap(prob.grad_map)(path.times, path.params, qx[ns:], qz[ns:], qp[ns:], qpz[ns:])
+    return Solution(
+        ts=save,
+        xs=xs,
+        ps=ps,
+        grads=grads,
+        loss=loss_value,
+        test_xs=zs if has_test else None,
+        test_ps=pzs if has_test else None,
+        stats={
+            "forward_steps": fwd.stats["num_accepted_steps"],
+            "backward_steps": bsteps,
+        },
+        result=None if prob.throw else _worst(fwd.result, bres),
     )
 
 
