@@ -33,8 +33,11 @@ from ._coupling import train_coupled as train_coupled
 from ._data import DenoisingTask as DenoisingTask
 from ._discrete import discrete_loss as discrete_loss
 from ._discrete import solve_discrete as solve_discrete
+from ._distributed import barrier as barrier
 from ._distributed import batch_mesh as batch_mesh
 from ._distributed import gather as gather
+from ._distributed import is_main_process as is_main_process
+from ._distributed import process_share as process_share
 from ._distributed import replicate as replicate
 from ._distributed import shard_batch as shard_batch
 from ._field import AttentionField as AttentionField

@@ -6,6 +6,11 @@ over a one-axis mesh of those devices is solved in parallel: each device runs
 the vmapped solve on its part, and the batch-mean gradient map is one
 all-reduce. The helpers here place host data on such a mesh and bring results
 back; [`mfattn.train`][] uses them itself.
+
+Work that is not one batch, such as a study's independent conditions, is
+split instead: each process takes its [`mfattn.process_share`][] of the
+list, writes its own results, and the processes meet at a
+[`mfattn.barrier`][] before process 0 reads them all.
 """
 
 import equinox as eqx
@@ -37,6 +42,71 @@ def batch_mesh(devices=None) -> Mesh:
 def is_main_process() -> bool:
     """Whether this is process 0, the one that writes files and shows progress."""
     return jax.process_index() == 0
+
+
+def process_share(items) -> list:
+    """This process's share of `items` under multi-controller JAX: the items
+    at positions `i, i + P, i + 2P, ...` for process `i` of `P`
+    (round-robin), in their order. Each item falls to exactly one process,
+    and to the same one on every run with the same number of processes (a
+    resumed study gives each process the conditions it had). In one process:
+    every item.
+
+    Every process must pass the same items in the same order. The split is by
+    position, not by cost: where items differ much in cost, put them in an
+    order that alternates them.
+
+    **Arguments:** `items`: an iterable (e.g. a study's conditions, in the
+    order they run; `enumerate(...)` of them to keep their positions).
+
+    **Returns:** a list of this process's items.
+    """
+    return list(items)[jax.process_index() :: jax.process_count()]
+
+
+_BARRIER_TIMEOUT = 7 * 24 * 3600
+_barrier_counts: dict[str, int] = {}
+
+
+def barrier(name: str, timeout: float | int = _BARRIER_TIMEOUT) -> None:
+    """Wait until every process has reached the barrier `name` (e.g. after
+    its share of a study, before process 0 reads every process's results).
+    In one process: returns at once.
+
+    It waits on the coordination service of `jax.distributed`, not on a
+    collective of the devices: nothing is compiled, and no collective's own
+    timeout cuts short a wait for a process whose share takes hours. A barrier
+    of the same `name` may be reached again (each time is its own barrier).
+    Every process must reach the same barriers in the same order.
+
+    **Arguments:**
+
+    - `name`: what the processes wait for, named in the error of a failed
+      wait.
+    - `timeout`: seconds to wait (default: a week) before failing.
+
+    **Raises:** `ValueError` for an empty `name` or a `timeout` that is not
+    positive; the error of `jax.distributed` when the wait times out or
+    another process has failed.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string, got {name!r}")
+    if not timeout > 0:
+        raise ValueError(f"`timeout` must be positive, got {timeout!r}")
+    if jax.process_count() == 1:
+        return
+    count = _barrier_counts.get(name, 0)
+    _barrier_counts[name] = count + 1
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # processes without the coordination service
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"mfattn:{name}:{count}")
+        return
+    ms = min(int(timeout * 1000), 2**31 - 1)
+    client.wait_at_barrier(f"mfattn:{name}:{count}", timeout_in_ms=ms)
 
 
 def _is_key(x) -> bool:
