@@ -263,55 +263,101 @@ void forward_rows(Group<T>& grp, const T* __restrict q, T beta, const int32_t* q
 
 // ------------------------------------------------------------- backward
 
+// R query rows at once (each with a finite log-normaliser): the keys, values and
+// weights are loaded once per vector of keys for all R rows, and the key-side
+// sums are read and written once.
+template <typename T, int KD, int R>
+inline void backward_block(const Group<T>& grp, const T* __restrict q, const T* __restrict c,
+                           const T* __restrict lse, const T* __restrict delta,
+                           const T* __restrict u, T beta, const int32_t* qpos, T rate,
+                           int32_t flags, const int64_t* rows, T* __restrict dqb,
+                           T* __restrict dkt, T* __restrict dvt, T* __restrict ds) {
+  constexpr int W = Simd<T>::W;
+  const int64_t np = grp.np, kd = KD > 0 ? KD : grp.kd, kv = KD > 0 ? KD : grp.kv;
+  const V<T> cap = splat(density_cap<T>()), zero = splat(T(0));
+  T qb[R][64], ci[R][64], uq[R][64], uc[R][64], li[R], di[R], ui[R], qp[R];
+  V<T> dq[R][64];
+  bool keys = false;
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = rows[r];
+    li[r] = lse[i];
+    di[r] = delta[i];
+    ui[r] = u[i];
+    qp[r] = qpos ? T(qpos[i]) : T(0);
+    keys = keys || ui[r] != T(0);
+    for (int64_t cc = 0; cc < kd; ++cc) {
+      qb[r][cc] = beta * q[i * kd + cc];
+      uq[r][cc] = ui[r] * qb[r][cc];
+      dq[r][cc] = zero;
+    }
+    for (int64_t cc = 0; cc < kv; ++cc) {
+      ci[r][cc] = c[i * kv + cc];
+      uc[r][cc] = ui[r] * ci[r][cc];
+    }
+  }
+  V<T> vis;
+  for (int64_t j = 0; j < np; j += W) {
+    V<T> a[R], dS[R];
+    for (int r = 0; r < R; ++r) {
+      V<T> sj = score<T, KD>(grp, kd, qb[r], j, flags, qp[r], rate, vis);
+      a[r] = vis > zero ? vexp(vmin<T>(sj - li[r], cap)) : zero;
+      dS[r] = -di[r] + zero;
+    }
+    for (int64_t cc = 0; cc < kv; ++cc) {
+      const V<T> vc = load(&grp.vt[cc * np + j]);
+      for (int r = 0; r < R; ++r) dS[r] += ci[r][cc] * vc;
+    }
+    const V<T> wj = load(&grp.w[j]);
+    for (int r = 0; r < R; ++r) dS[r] *= a[r];
+    for (int64_t cc = 0; cc < kd; ++cc) {
+      const V<T> kc = wj * load(&grp.kt[cc * np + j]);
+      for (int r = 0; r < R; ++r) dq[r][cc] += dS[r] * kc;
+    }
+    if (keys) {
+      for (int64_t cc = 0; cc < kd; ++cc) {
+        V<T> acc = load(dkt + cc * np + j);
+        for (int r = 0; r < R; ++r) acc += uq[r][cc] * dS[r];
+        store(dkt + cc * np + j, acc);
+      }
+      for (int64_t cc = 0; cc < kv; ++cc) {
+        V<T> acc = load(dvt + cc * np + j);
+        for (int r = 0; r < R; ++r) acc += uc[r][cc] * a[r];
+        store(dvt + cc * np + j, acc);
+      }
+      V<T> acc = load(ds + j);
+      for (int r = 0; r < R; ++r) acc += ui[r] * dS[r];
+      store(ds + j, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t cc = 0; cc < kd; ++cc) dqb[rows[r] * kd + cc] = hsum<T>(dq[r][cc]);
+}
+
 template <typename T, int KD>
 void backward_rows(Group<T>& grp, const T* __restrict q, const T* __restrict c,
                    const T* __restrict lse, const T* __restrict delta, const T* __restrict u,
                    T beta, const int32_t* qpos, T rate, int32_t flags, int64_t i0, int64_t i1,
                    T* __restrict dqb, T* __restrict dkt, T* __restrict dvt, T* __restrict ds) {
-  // dkt (kd, np), dvt (kv, np) and ds (np) accumulate transposed
-  constexpr int W = Simd<T>::W;
-  const int64_t np = grp.np, kd = KD > 0 ? KD : grp.kd, kv = KD > 0 ? KD : grp.kv;
-  const V<T> cap = splat(density_cap<T>()), zero = splat(T(0));
-  T qb[64], ci[64], uq[64], uc[64];
-  V<T> dq[64];
+  // dkt (kd, np), dvt (kv, np) and ds (np) accumulate transposed; rows are taken
+  // two at a time (a query that sees no key gets dq = 0 and adds nothing)
+  const int64_t kd = KD > 0 ? KD : grp.kd;
+  int64_t rows[2];
+  int held = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    T* dqi = dqb + i * kd;
-    const T li = lse[i];
-    if (!(li < std::numeric_limits<T>::infinity())) {  // sees no key: all 0
-      for (int64_t cc = 0; cc < kd; ++cc) dqi[cc] = T(0);
+    if (!(lse[i] < std::numeric_limits<T>::infinity())) {
+      for (int64_t cc = 0; cc < kd; ++cc) dqb[i * kd + cc] = T(0);
       continue;
     }
-    const T ui = u[i], di = delta[i];
-    const T qp = qpos ? T(qpos[i]) : T(0);
-    for (int64_t cc = 0; cc < kd; ++cc) {
-      qb[cc] = beta * q[i * kd + cc];
-      uq[cc] = ui * qb[cc];
-      dq[cc] = zero;
+    rows[held++] = i;
+    if (held == 2) {
+      backward_block<T, KD, 2>(grp, q, c, lse, delta, u, beta, qpos, rate, flags, rows, dqb,
+                               dkt, dvt, ds);
+      held = 0;
     }
-    for (int64_t cc = 0; cc < kv; ++cc) {
-      ci[cc] = c[i * kv + cc];
-      uc[cc] = ui * ci[cc];
-    }
-    const bool keys = ui != T(0);
-    V<T> vis;
-    for (int64_t j = 0; j < np; j += W) {
-      V<T> sj = score<T, KD>(grp, kd, qb, j, flags, qp, rate, vis);
-      V<T> a = vis > zero ? vexp(vmin<T>(sj - li, cap)) : zero;
-      V<T> cv = zero;
-      for (int64_t cc = 0; cc < kv; ++cc) cv += ci[cc] * load(&grp.vt[cc * np + j]);
-      V<T> dS = a * (cv - di);
-      V<T> wdS = load(&grp.w[j]) * dS;
-      for (int64_t cc = 0; cc < kd; ++cc) dq[cc] += wdS * load(&grp.kt[cc * np + j]);
-      if (keys) {
-        for (int64_t cc = 0; cc < kd; ++cc)
-          store(dkt + cc * np + j, load(dkt + cc * np + j) + uq[cc] * dS);
-        for (int64_t cc = 0; cc < kv; ++cc)
-          store(dvt + cc * np + j, load(dvt + cc * np + j) + uc[cc] * a);
-        store(ds + j, load(ds + j) + ui * dS);
-      }
-    }
-    for (int64_t cc = 0; cc < kd; ++cc) dqi[cc] = hsum<T>(dq[cc]);
   }
+  if (held == 1)
+    backward_block<T, KD, 1>(grp, q, c, lse, delta, u, beta, qpos, rate, flags, rows, dqb, dkt,
+                             dvt, ds);
 }
 
 // ------------------------------------------------------------ scheduling
