@@ -383,8 +383,46 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"written to {out}")
+    print(f"written to {out}\n")
+    print(markdown(results))
     return results
+
+
+def markdown(results) -> str:
+    """The tables of `benchmarks/README.md`, from a results file: every row's
+    median, the range of its repeats, the ratio to PyTorch's median, nominal
+    throughput, and the exponentials per second as a share of the fused
+    kernel's own forward rate measured in the same run."""
+    peak = results["peak"]
+    ceiling = peak.get("fused_forward_exp_per_s")
+    lines = [
+        "| size | implementation | median | range of repeats | ratio to torch "
+        "| GFLOP/s | Gexp/s | % of fused forward exp/s | peak MiB |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: |",
+    ]
+    for size, rows in results["steps"].items():
+        cfg = SIZES[size]
+        first = True
+        for r in rows.values():
+            head = f"{size} `B={cfg['B']}, n={cfg['n']}, L={cfg['L']}, H={cfg['H']}`"
+            share = f"{100 * r['exp_per_s'] / ceiling:.0f} %" if ceiling else "n/a"
+            lines.append(
+                f"| {head if first else ''} | {r['label']} | {r['median']:.3g} s "
+                f"| {min(r['times']):.3g}-{max(r['times']):.3g} s | {r['ratio']:.2f} "
+                f"| {r['gflops']:.1f} | {r['exp_per_s'] / 1e9:.2f} | {share} "
+                f"| {r['peak_mib']:.0f} |"
+            )
+            first = False
+    limit = {k: v for k, v in results.get("limit", {}).items() if k != "config"}
+    if limit:
+        lines += ["", "| limit | median | range of repeats | ratio | peak MiB |"]
+        lines.append("| --- | --: | --: | --: | --: |")
+        for r in limit.values():
+            lines.append(
+                f"| {r['label']} | {r['median']:.3g} s | {min(r['times']):.3g}-"
+                f"{max(r['times']):.3g} s | {r['ratio']:.2f} | {r['peak_mib']:.0f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
