@@ -1,9 +1,11 @@
 """Multi-controller JAX: two local processes (CPU devices, gloo collectives)
 train and solve a batch split over the devices of both, with the results of
-one process; process 0 alone writes the checkpoints and the results.
+one process; process 0 alone writes the checkpoints and the results. Two
+processes share a study's conditions and give the study JSON of one.
 
 The workers are this file run as a script (`python test_multiprocess.py
---worker ...`), each in its own process, started by the test."""
+--worker ...` or `--study-worker ...`), each in its own process, started by
+the test."""
 
 import json
 import os
@@ -92,6 +94,37 @@ def worker(process_id: int, num_processes: int, port: int, out: pathlib.Path, de
 TASK = dict(dim=3, num_tokens=6, num_clusters=2)
 
 
+def study_worker(process_id: int, num_processes: int, port: int, out: pathlib.Path):
+    """The convergence study (benchmarks/scaling) on a grid of 7 conditions,
+    each a synthetic record with known answers (test_scaling.py): what is
+    checked is the split, the files and the summary, not the numerics."""
+    import dataclasses
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_num_cpu_devices", 1)
+    if num_processes > 1:
+        jax.distributed.initialize(
+            f"localhost:{port}", num_processes, process_id, initialization_timeout=120
+        )
+    import test_scaling  # this file's folder is the script's path
+
+    from benchmarks import scaling
+
+    scaling.Condition.run = test_scaling._synthetic_run
+    cfg = dataclasses.replace(
+        test_scaling.TINY,
+        n_sweep=[4, 8],
+        causal_sweep=True,
+        d_sweep=[2, 8],
+        optimizers=["adamw", "blockwise_sum"],
+        sweep_LH=[2, 4],
+    )
+    data = scaling.run(cfg, out / "study.json", progress=True)
+    (out / f"returned{process_id}.json").write_text(json.dumps(data))
+
+
 @pytest.mark.slow  # the batch-sharded training step is checked in test_sharding.py
 def test_one_process_several_devices(getkey):
     """In one process: `train(mesh=...)` over 4 host devices and a sharded
@@ -135,11 +168,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(process_id, num_processes, port, out, devices):
+def _start(process_id, num_processes, port, out, devices=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)  # the test session's 8 host devices: the workers set theirs
-    cmd = [sys.executable, str(HERE), "--worker"]
-    cmd += [str(process_id), str(num_processes), str(port), str(out), str(devices)]
+    cmd = [sys.executable, str(HERE), "--worker" if devices else "--study-worker"]
+    cmd += [str(process_id), str(num_processes), str(port), str(out)]
+    cmd += [str(devices)] if devices else []
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -194,6 +228,90 @@ def test_two_processes_match_one(tmp_path):
     assert bar.search(outputs[0][2]) and not bar.search(outputs[1][2])
 
 
+def test_process_share_and_barrier_in_one_process(monkeypatch):
+    """One process: the share is every item and a barrier returns at once;
+    over `P` processes the shares are round-robin, disjoint and cover the
+    items; bad arguments are named."""
+    import jax
+
+    import mfattn
+
+    items = ["a", "b", "c", "d", "e"]
+    assert mfattn.process_share(items) == items
+    assert mfattn.process_share(iter(items)) == items
+    assert mfattn.process_share(enumerate("xy")) == [(0, "x"), (1, "y")]
+    assert mfattn.process_share([]) == []
+    assert mfattn.is_main_process()
+    mfattn.barrier("one")
+    mfattn.barrier("one")  # again: a no-op as well
+    with pytest.raises(ValueError, match="name"):
+        mfattn.barrier("")
+    with pytest.raises(ValueError, match="timeout"):
+        mfattn.barrier("one", timeout=0)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    shares = []
+    for i in range(3):
+        monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+        shares.append(mfattn.process_share(items))
+    assert shares == [["a", "d"], ["b", "e"], ["c"]]
+    assert not mfattn.is_main_process()
+
+
+def _strip_times(x):
+    if isinstance(x, dict):
+        return {k: _strip_times(v) for k, v in x.items() if "seconds" not in k}
+    if isinstance(x, list):
+        return [_strip_times(v) for v in x]
+    return x
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_study(tmp_path):
+    """2 processes run the study's conditions round-robin, each writing its
+    own conditions' files, and process 0 alone writes the study JSON and the
+    PNGs and prints the report: the JSON of 1 process, up to timings, returned
+    on both. Resumed, each process computes again only its own missing
+    conditions."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    port = _free_port()
+    procs = [_start(i, 2, port, two) for i in range(2)]
+    procs.append(_start(0, 1, 0, one))
+    outputs = _wait(procs)
+
+    ref = json.loads((one / "study.json").read_text())
+    got = json.loads((two / "study.json").read_text())
+    assert _strip_times(got) == _strip_times(ref) and len(ref["points"]) == 7
+    for i in range(2):  # every process returns the study JSON
+        returned = json.loads((two / f"returned{i}.json").read_text())
+        assert _strip_times(returned) == _strip_times(got)
+    names = list(ref["points"])  # in the order they run
+    ran = re.compile(r"^\[p(\d)\] \[\d+/7\] (\S+): grid", re.M)
+    for i in range(2):
+        assert [m[1] for m in ran.findall(outputs[i][1])] == names[i::2]
+        assert {m[0] for m in ran.findall(outputs[i][1])} == {str(i)}
+    assert sorted(p.stem for p in (two / "study_points").glob("d*.json")) == sorted(names)
+    for name in ("_LH", "_horizon", "_reference", "_n", "_d"):
+        assert (two / f"study{name}.png").exists()
+    done = re.compile(r"^7 conditions done, 0 failed", re.M)
+    assert done.search(outputs[0][1]) and not done.search(outputs[1][1])
+
+    # resumed: one condition of each process's share is missing
+    for name in names[:2]:
+        (two / "study_points" / f"{name}.json").unlink()
+    port = _free_port()
+    outputs = _wait([_start(i, 2, port, two) for i in range(2)])
+    for i in range(2):
+        assert [m[1] for m in ran.findall(outputs[i][1])] == [names[i]]
+    again = json.loads((two / "study.json").read_text())
+    assert _strip_times(again) == _strip_times(ref)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     pid, nproc, port, out, devices = sys.argv[2:7]
     worker(int(pid), int(nproc), int(port), pathlib.Path(out), int(devices))
+if __name__ == "__main__" and sys.argv[1:2] == ["--study-worker"]:
+    pid, nproc, port, out = sys.argv[2:6]
+    study_worker(int(pid), int(nproc), int(port), pathlib.Path(out))

@@ -6,6 +6,7 @@ python -m benchmarks.scaling               # the full preset (resumable)
 python -m benchmarks.scaling --retry-failed         # resume, rerunning failed conditions
 python -m benchmarks.scaling --medium --table       # the medium preset's table
 python -m benchmarks.scaling --quick --summarize    # rebuild the JSON and PNGs
+srun --ntasks=8 python -m benchmarks.scaling --distributed   # 8 processes share the conditions
 """
 
 import argparse
@@ -43,6 +44,21 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         action="store_true",
         help="rebuild the JSON and PNGs from the per-condition files",
     )
+    d = ap.add_argument_group(
+        "several processes (jax.distributed)",
+        "start the command once per process, every one with the same arguments; "
+        "the conditions are split over the processes, `--out` must be on a file "
+        "system they all see",
+    )
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (SLURM, Open MPI and Cloud TPU "
+        "are detected; elsewhere give the three options below)",
+    )
+    d.add_argument("--coordinator", default=None, help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, default=None)
+    d.add_argument("--process-id", type=int, default=None)
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else "medium" if args.medium else "gpu" if args.gpu else "full"
     out = pathlib.Path(args.out or f"benchmarks/results/scaling_{preset}.json")
@@ -50,6 +66,9 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         print(table(json.loads(out.read_text())))
         return None
     jax.config.update("jax_enable_x64", True)  # the command line's choice, not the library's
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(x is not None for x in explicit):
+        jax.distributed.initialize(*explicit)
     data = run(
         preset,
         out,
@@ -57,7 +76,8 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         retry_failed=args.retry_failed,
         summarize_only=args.summarize,
     )
-    print(f"written to {out} and its PNGs ({data['wall_seconds_this_run']:.0f} s)")
+    if jax.process_index() == 0:
+        print(f"written to {out} and its PNGs ({data['wall_seconds_this_run']:.0f} s)")
     return data
 
 

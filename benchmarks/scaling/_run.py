@@ -1,6 +1,12 @@
 """The study's orchestration: which conditions a configuration runs, their
 per-condition files (written atomically; an interrupted run resumes there), and
-the study JSON with its fits and PNGs."""
+the study JSON with its fits and PNGs.
+
+Started once per process under `jax.distributed`, the processes split the
+conditions (`mfattn.process_share`, round-robin over their order); each
+writes the files of its own, and after a barrier process 0 alone reads them
+all and writes the study JSON and the PNGs. The per-condition files must be
+on a file system every process sees."""
 
 import contextlib
 import json
@@ -11,6 +17,10 @@ import time
 import traceback
 import warnings
 from collections.abc import Mapping
+
+import jax
+
+import mfattn
 
 from ._condition import Condition
 from ._config import PRESETS, StudyConfig, condition_name, sweep_condition_name
@@ -131,7 +141,13 @@ def run(preset="quick", out=None, *, progress=True, retry_failed=False, summariz
     - `summarize_only`: only rebuild `out` and the PNGs from the per-condition
       files already there.
 
-    **Returns:** the study JSON's data (a dict).
+    Under `jax.distributed` (every process calls this with the same
+    arguments): each process runs its share of the conditions and writes their
+    files, progress lines start with its index (`[p1]`), and process 0 alone
+    writes `out` and the PNGs and prints the report.
+
+    **Returns:** the study JSON's data (a dict; on the other processes under
+    `jax.distributed`, as read back from `out`).
 
     **Raises:** `ValueError` if the results directory holds another
     configuration, or its `config.json` cannot be read.
@@ -149,13 +165,20 @@ def run(preset="quick", out=None, *, progress=True, retry_failed=False, summariz
             ) from e
         if have != cfg.to_json():
             raise ValueError(f"{pdir} holds results of another configuration; pass another `out`")
-    write_json(cfg_file, cfg.to_json())
-    log = print if progress else (lambda *a, **k: None)
+    main = mfattn.is_main_process()
+    if main:
+        write_json(cfg_file, cfg.to_json())
+    # every process shows the lines of its own share, marked with its index
+    rank = f"[p{jax.process_index()}] " if jax.process_count() > 1 else ""
+
+    def log(line):
+        if progress:
+            print(rank + line, flush=True)
+
     t0 = time.perf_counter()
     conds = conditions(cfg)
-    for i, (cname, (dim, tokens, opt, causal, grid)) in enumerate(conds.items()):
-        if summarize_only:
-            break
+    share = [] if summarize_only else mfattn.process_share(enumerate(conds.items()))
+    for i, (cname, (dim, tokens, opt, causal, grid)) in share:
         f = pdir / f"{cname}.json"
         old = read_condition(f, f"condition {cname} is computed again")
         if old is not None and (old["status"] != "failed" or not retry_failed):
@@ -175,6 +198,10 @@ def run(preset="quick", out=None, *, progress=True, retry_failed=False, summariz
             res = FailedCondition(repr(e), traceback.format_exc())
             log(f"  FAILED: {e!r}")
         write_json(f, res.to_json())
+    mfattn.barrier("benchmarks.scaling: every process's conditions")
+    if not main:  # process 0 summarises; the others return what it wrote
+        mfattn.barrier("benchmarks.scaling: the study JSON")
+        return json.loads(out.read_text(encoding="utf-8"))
     # the JSON: the configuration (with its short names), every condition's raw
     # results, the fits
     data = {"config": cfg.study_json(), "points": {}, "failed": {}}
@@ -192,4 +219,5 @@ def run(preset="quick", out=None, *, progress=True, retry_failed=False, summariz
     plot(data, out)
     if progress:
         print(report(data))
+    mfattn.barrier("benchmarks.scaling: the study JSON")
     return data
