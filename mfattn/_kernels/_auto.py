@@ -33,7 +33,7 @@ ACCELERATOR_SCORE_BYTES = 2**28
 def score_budget(backend: str) -> int:
     """The bytes of scores one call may hold on `backend` (an accelerator)."""
     try:
-        limit = jax.devices(backend)[0].memory_stats()["bytes_limit"]
+        limit = jax.local_devices(backend=backend)[0].memory_stats()["bytes_limit"]
         return max(int(limit) // ACCELERATOR_MEMORY_SHARE, 2**20)
     except Exception:  # no memory statistics on this backend
         return ACCELERATOR_SCORE_BYTES
