@@ -147,3 +147,20 @@ def test_segment_step_cap_without_throw(getkey):
         grid, measure, loss, 2.0, checkpoints=2, segment_max_steps=2, throw=False
     )
     assert sol.result == diffrax.RESULTS.max_steps_reached
+
+
+@pytest.mark.slow
+def test_grad_through_checkpointed_solve_limit(getkey):
+    """`jax.grad` of `solve_limit(..., checkpoints=...).loss` goes through the
+    user's Diffrax adjoint on the forward solve, as on the dense route."""
+    grid, measure, loss = _problem(getkey(), J=2)
+    tol = dict(rtol=1e-10, atol=1e-12)
+
+    def f(p):
+        sol = mfattn.solve_limit(p, measure, loss, 1.0, checkpoints=3, segment_max_steps=256, **tol)
+        return sol.loss
+
+    g = jax.grad(f)(grid)
+    _, lg = mfattn.limit_gradient(grid, measure, loss, 1.0, **tol)
+    c = mfattn.ParamPath(grid).basis_integrals()[:, None, None, None]
+    assert tree_rel_err(g, jax.tree.map(lambda a: a * c / grid.heads, lg)) < 1e-6
