@@ -120,6 +120,9 @@ TINY = Theorem7Config(
     ascent_restarts=1,
     causal=(False,),
     boots=20,
+    global_LH=((1, 2),),
+    global_checkpoints=(0, 2),
+    global_fit_from=1,
 )
 
 
@@ -175,6 +178,10 @@ def test_spread_quantities_split_part_one_by_place():
     np.testing.assert_array_equal(s["state"], f["state"])
     np.testing.assert_array_equal(np.maximum(s["adjoint_tokens"], s["adjoint_far"]), f["adjoint"])
     assert all(v.shape == (8,) for v in s.values())
+    sizes = _global.scale_quantities(out)
+    mean_norm = lambda v: np.linalg.norm(v.mean(0), axis=-1).max()
+    assert sizes["adjoint_far"] == mean_norm(out["p_test"])
+    assert sizes["state"] == max(mean_norm(out["x_tokens"]), mean_norm(out["x_test"]))
 
 
 def test_stream_keys_and_schedule():
@@ -253,7 +260,7 @@ def test_head_drift_and_eps_names():
     p = mfattn.AttentionParams.xavier_uniform(jax.random.key(6), 2, 3, 4, 4)
     p = jax.tree.map(lambda a: jnp.stack([a, a]), p)  # two initialisations
     moved = jax.tree.map(lambda a: a.at[1].multiply(1.5), p)
-    np.testing.assert_allclose(_lemma6.head_drift(moved, p), [0.0, 0.5])
+    np.testing.assert_allclose(_global.head_drift(moved, p), [0.0, 0.5])
     assert [_lemma6.eps_name(e) for e in (1e-8, 1e-5, 3e-3)] == ["1e-8", "1e-5", "3e-3"]
 
 
@@ -290,9 +297,7 @@ def test_global_fits_read_the_trend_in_k():
     assert up["trend"] == "grows" and down["trend"] == "falls"
     np.testing.assert_allclose(up["last_over_first_fitted"], 8**0.3)
     assert "shared_over_independent" in up and "shared_over_independent" not in down
-    rows = _summary_training.training_rows(
-        {"fits": {"global_in_K": list(fits.values())}}, _summary.verdict
-    )
+    rows = _summary_training.training_rows({"fits": {"global_in_K": list(fits.values())}})
     verdicts = {r["question"]: r["verdict"] for r in rows}
     assert verdicts["spread vs k>=20 (x, shared, 2x2)"] == "excluded (grows)"
     assert verdicts["spread vs k>=20 (x, indep., 2x2)"] == "consistent (falls)"
@@ -329,8 +334,13 @@ def test_lemma6_fits_per_optimiser():
     }
     assert abs(state["adamw"]["slope"] - 0.5) < 0.05 and state["adamw"]["trend"] == "grows"
     assert abs(state["blockwise_sum"]["slope"]) < 0.05
-    rows = _summary_training.training_rows({"fits": {"fluctuation_vs_d": fits}}, _summary.verdict)
-    assert any(r["claim"] == "0 (Lemma 6)" and r["verdict"] == "consistent" for r in rows)
+    rows = _summary_training.training_rows({"fits": {"fluctuation_vs_d": fits}})
+    assert any(r["claim"].startswith("<=0 (Lemma 6") and r["verdict"] == "consistent" for r in rows)
+    assert any(r["claim"] == "none (may grow)" and r["verdict"] == "grows" for r in rows)
+    late = _summary_training.lemma6_fits(pts, 8)  # and from d = 8 on
+    assert {f["d_from"] for f in late["adamw"]} == {2, 8}
+    rows = _summary_training.training_rows({"fits": {"fluctuation_vs_d": late}})
+    assert "spread at K vs d>=8 (AdamW, 1e-08)" in {r["question"] for r in rows}
 
 
 NEW_PARTS = dataclasses.replace(

@@ -66,13 +66,15 @@ class Theorem7Config:
     # independent streams (the control)
     global_LH: tuple[tuple[int, int], ...] = ((4, 4),)
     global_inits: int = 8
-    global_checkpoints: tuple[int, ...] = (0, 8, 16, 32, 64)
+    global_checkpoints: tuple[int, ...] = (0, 16, 63, 250, 1000)
     global_decay: float = 100.0
     """the per-entry step `eta / sqrt(d k) / sqrt(1 + k / global_decay)`"""
-    global_fit_from: int = 16
+    global_fit_from: int = 250
     """the fits of the spread in `k` use the checkpoints from this one on"""
     # part 5: Lemma 6 and `d`, AdamW against blockwise AdamW, Adam's `eps`
-    lemma6_d: tuple[int, ...] = (2, 8)
+    lemma6_d: tuple[int, ...] = ()
+    """empty in the quick preset: each `(d, optimiser)` compiles its training
+    (about 10-20 s on 2 cores), too much for the main job's two minutes"""
     lemma6_head_dim: int = 4
     lemma6_L: int = 4
     lemma6_H: int = 4
@@ -80,6 +82,8 @@ class Theorem7Config:
     lemma6_steps: int = 20
     lemma6_optimizers: tuple[str, ...] = ("adamw", "blockwise_sum")
     lemma6_eps: tuple[float, ...] = (1e-8,)
+    lemma6_fit_min_d: int = 2
+    """the second fit in `d` uses the dimensions from this one on"""
     lemma6_eta_entry: float = 0.005
     """AdamW's per-entry step at every `d` (`eta / sqrt(4 k)`: part 1's at `d = 4`)"""
 
@@ -106,8 +110,8 @@ PRESETS = {
         uniform_inits=16,
         ascent_steps=40,
         ascent_restarts=3,
-        global_LH=((4, 4), (16, 16)),
-        global_inits=16,
+        global_LH=((4, 4), (8, 8), (16, 16)),
+        global_inits=32,
         global_checkpoints=(0, 16, 32, 63, 125, 250, 500, 1000, 2000),
         global_fit_from=250,
         lemma6_d=(2, 4, 8, 16, 32, 64),
@@ -115,6 +119,7 @@ PRESETS = {
         lemma6_steps=200,
         lemma6_optimizers=("adamw", "blockwise_sum", "blockwise_mean"),
         lemma6_eps=(1e-8, 1e-5, 1e-3),
+        lemma6_fit_min_d=16,
     ),
 }
 PRESETS["gpu"] = dataclasses.replace(
@@ -126,7 +131,11 @@ PRESETS["gpu"] = dataclasses.replace(
     reference_M=2**17,
     uniform_n=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-"""`quick`: about two minutes on 2 cores (the main job's default). `full`: the
+"""`quick`: about two minutes on 2 cores (the main job's default; part 4 to
+`k = 1000` at `L = H = 4`, about 12 s; part 5 left out). `full`: the
 CPU preset (`L, H` to 32: the cost of a point grows like `L H`, about 0.6 s
-per head on 2 cores with 64 initialisations and 200 steps). `gpu`: `L, H` to
-256 and `n` to 1024, for one GPU."""
+per head on 2 cores with 64 initialisations and 200 steps; parts 4 and 5
+took 8 min each on 2 shared cores: 2000 steps of 32 initialisations on two
+streams at `L = H = 16` in 4.6 min, and 54 conditions in `d` of which the 18
+first, at one `eps`, compile: about 20 s each, the others 1-3 s). `gpu`: `L,
+H` to 256 and `n` to 1024, for one GPU (parts 4 and 5 as `full`)."""

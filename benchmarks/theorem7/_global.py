@@ -41,6 +41,28 @@ def spread_quantities(out: dict) -> dict:
     }
 
 
+def scale_quantities(out: dict) -> dict:
+    """The size of what `spread_quantities` spreads: the sup over points of
+    the norm of the mean over initialisations, per quantity (floats)."""
+    sup = lambda v: float(np.linalg.norm(v.mean(axis=0), axis=-1).max())
+    return {
+        "state": max(sup(out["x_tokens"]), sup(out["x_test"])),
+        "adjoint_tokens": sup(out["p_tokens"]),
+        "adjoint_far": sup(out["p_test"]),
+    }
+
+
+def head_drift(params, init) -> np.ndarray:
+    """Per initialisation, the mean over heads and blocks of `|theta_k -
+    theta_0|_F / |theta_0|_F` (how far training moved the heads)."""
+    ratios = []
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init)):
+        a, b = np.asarray(a), np.asarray(b)
+        num = np.linalg.norm(a - b, axis=(-2, -1))
+        ratios.append(num / np.linalg.norm(b, axis=(-2, -1)))
+    return np.mean(ratios, axis=0).reshape(ratios[0].shape[0], -1).mean(axis=1)
+
+
 def stream_keys(data_key, R: int, stream: str):
     """One data key per initialisation: the same key for all (`"shared"`), or
     `R` independent keys (`"independent"`); the batch of step `k` of
@@ -121,7 +143,8 @@ def global_point(cfg: Theorem7Config, L: int, H: int, stream: str) -> dict:
     keys = stream_keys(data_key, R, stream)
     state = jax.vmap(opt.init)(params)
     per_init = {q: [] for q in QUANTITIES}
-    losses, k_prev = [], 0
+    scale = {q: [] for q in QUANTITIES}
+    drift, init, losses, k_prev = [], params, [], 0
     for k in cfg.global_checkpoints:
         if k > k_prev:
             params, state, loss = advance(params, state, keys, k_prev, k)
@@ -129,8 +152,12 @@ def global_point(cfg: Theorem7Config, L: int, H: int, stream: str) -> dict:
             k_prev = k
         else:
             losses.append(None)  # no step before this checkpoint
-        for q, v in spread_quantities(probe_outputs(params, probes, cfg.beta)).items():
+        out = probe_outputs(params, probes, cfg.beta)
+        for q, v in spread_quantities(out).items():
             per_init[q].append(v.tolist())
+        for q, v in scale_quantities(out).items():
+            scale[q].append(v)
+        drift.append(head_drift(params, init).tolist())
     return {
         "L": L,
         "H": H,
@@ -138,5 +165,7 @@ def global_point(cfg: Theorem7Config, L: int, H: int, stream: str) -> dict:
         "inits": R,
         "checkpoints": list(cfg.global_checkpoints),
         "per_init": per_init,
+        "scale": scale,
+        "head_drift": drift,
         "train_loss": losses,
     }

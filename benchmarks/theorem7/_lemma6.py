@@ -17,7 +17,7 @@ import optax
 import mfattn
 
 from ._config import Theorem7Config
-from ._global import make_trainer, spread_quantities, stream_keys
+from ._global import head_drift, make_trainer, spread_quantities, stream_keys
 from ._parts import inits_of, keys_of, probe_outputs, probes_of, task_of
 
 OPTIMIZERS = ("adamw", "blockwise_sum", "blockwise_mean")
@@ -51,17 +51,6 @@ def eps_name(eps: float) -> str:
     """`1e-08` as `1e-8`: the condition files' spelling of `eps`."""
     mant, exp = f"{eps:.0e}".split("e")
     return f"{mant}e{int(exp)}"
-
-
-def head_drift(params, init) -> np.ndarray:
-    """Per initialisation, the mean over heads and blocks of `|theta_K -
-    theta_0|_F / |theta_0|_F` (how far training moved the heads)."""
-    ratios = []
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init)):
-        a, b = np.asarray(a), np.asarray(b)
-        num = np.linalg.norm(a - b, axis=(-2, -1))
-        ratios.append(num / np.linalg.norm(b, axis=(-2, -1)))
-    return np.mean(ratios, axis=0).reshape(ratios[0].shape[0], -1).mean(axis=1)
 
 
 def lemma6_point(cfg: Theorem7Config, d: int, optimizer: str, eps: float) -> dict:

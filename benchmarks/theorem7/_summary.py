@@ -187,7 +187,7 @@ def questions(data: dict) -> list[dict]:
             "ci",
             [("0 (uniform in n)", 0.0)],
         )
-    rows.extend(training_rows(data, verdict))
+    rows.extend(training_rows(data))
     return rows
 
 
@@ -281,6 +281,6 @@ def summarize(cfg: Theorem7Config, records: dict) -> dict:
     data["global_in_K"] = global_records(records.get("global", []))
     data["lemma6_d"] = lemma6_records(records.get("lemma6", []))
     fits["global_in_K"] = global_fits(records.get("global", []), cfg.global_fit_from)
-    fits["fluctuation_vs_d"] = lemma6_fits(records.get("lemma6", []))
+    fits["fluctuation_vs_d"] = lemma6_fits(records.get("lemma6", []), cfg.lemma6_fit_min_d)
     data["questions"] = questions(data)
     return data
