@@ -240,7 +240,7 @@ def training_rows(data: dict) -> list[dict]:
             add(
                 f"spread vs k>={f['k_from']} ({q}, {s}, {L}x{H})",
                 f,
-                "<=0 (bounded in K)",
+                "<=0 (open: bounded in K?)",
                 0.0,
                 _bounded(f["ci"]),
             )
