@@ -172,7 +172,8 @@ def _reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
 
 
 @needs_fused
-@pytest.mark.parametrize("name", ["plain", pytest.param("alibi-strict", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default suite differentiates it in test_solve_discrete_matches_dense
+@pytest.mark.parametrize("name", ["plain", "alibi-strict"])
 def test_forward_is_differentiable(getkey, name):
     """`jax.grad` through the forward pass in `q, k, v, beta` (and `w` with
     the fused reverse mode) in both modes, and `jax.jvp` in the default one."""
@@ -288,6 +289,7 @@ def test_bad_inputs(getkey):
 
 
 @needs_fused
+@pytest.mark.slow  # also through the solvers: test_api, test_discrete (jax.grad in beta)
 def test_backward_is_differentiable(getkey):
     """A solve differentiated in `beta` differentiates the closed-form
     backward pass: its derivative equals the dense kernel's."""
