@@ -309,6 +309,48 @@ def test_two_processes_share_a_study(tmp_path):
     assert _strip_times(again) == _strip_times(ref)
 
 
+@pytest.mark.slow
+def test_two_processes_share_the_theorem7_study(tmp_path):
+    """`python -m benchmarks.theorem7` started as 2 processes: each computes
+    the conditions it owns (the bias points after the reference, in a second
+    pass), process 0 alone prints the table and writes the JSON, which equals
+    that of 1 process up to timings."""
+    args = ["--quick", "--L", "4,8", "--H", "4", "--bias-L", "4,8", "--n", "4"]
+    args += ["--no-progress"]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "benchmarks.theorem7", *args]
+    two = [
+        subprocess.Popen(
+            [*cmd, "--out", str(tmp_path / "two.json"), "--coordinator", f"localhost:{port}"]
+            + ["--num-processes", "2", "--process-id", str(i)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    one = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "one.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    outs = [p.communicate(timeout=900) for p in two]
+    for p, (_, err) in zip(two, outs):
+        assert p.returncode == 0, err[-3000:]
+    ref = json.loads((tmp_path / "one.json").read_text())
+    got = json.loads((tmp_path / "two.json").read_text())
+    assert _strip_times(got) == _strip_times(ref)
+    assert "written to" in outs[0][0] and "written to" not in outs[1][0]
+    from benchmarks.theorem7._run import owner
+
+    names = [f.stem for f in (tmp_path / "two").glob("*.json")]
+    assert {owner(n, 2) for n in names} == {0, 1}
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     pid, nproc, port, out, devices = sys.argv[2:7]
     worker(int(pid), int(nproc), int(port), pathlib.Path(out), int(devices))

@@ -388,3 +388,15 @@ def test_new_parts_end_to_end_resume(tmp_path, monkeypatch):
     other = dataclasses.replace(NEW_PARTS, global_decay=7.0)
     with pytest.raises(RuntimeError, match="global-L1-H2-shared.json"):
         run(other, out, progress=False)
+
+
+def test_owner_splits_conditions_by_name():
+    """Under several processes a condition belongs to one process, by a hash of
+    its name: the same on every call, within range, and spread over both."""
+    from benchmarks.theorem7._run import owner
+
+    names = [f"fluctuation-L{L}-H{H}" for L in (1, 2, 4, 8) for H in (4, 8, 16)]
+    owners = [owner(n, 2) for n in names]
+    assert owners == [owner(n, 2) for n in names] and set(owners) == {0, 1}
+    assert all(owner(n, 1) == 0 for n in names)
+    assert all(0 <= owner(n, 5) < 5 for n in names)

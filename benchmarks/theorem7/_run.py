@@ -5,9 +5,11 @@ import hashlib
 import json
 import pathlib
 import time
+import zlib
 
 import jax
 
+import mfattn
 from benchmarks.scaling._run import write_json  # atomic, synced
 
 from . import _global, _lemma6, _parts
@@ -84,8 +86,10 @@ class Conditions:
     configuration's fingerprint, and a file written by another configuration
     is an error (naming the file), never silently reused."""
 
-    def __init__(self, folder: pathlib.Path, cfg: Theorem7Config, resume: bool = True, budget=None):
-        self.folder, self.cfg = folder, cfg
+    def __init__(
+        self, folder: pathlib.Path, cfg: Theorem7Config, resume: bool = True, budget=None, mine=None
+    ):
+        self.folder, self.cfg, self.mine = folder, cfg, mine
         self.deadline = time.perf_counter() + (float("inf") if budget is None else budget)
         self.skipped: list[str] = []
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,8 @@ class Conditions:
                 )
             log(f"  {name}: done before")
             return rec["record"]
+        if self.mine is not None and not self.mine(name):  # another process's
+            return None
         if time.perf_counter() > self.deadline:
             self.skipped.append(name)
             return None
@@ -118,6 +124,13 @@ class Conditions:
         return rec
 
 
+def owner(name: str, processes: int) -> int:
+    """The process that computes the condition `name` when the study runs as
+    `processes` processes: a hash of the name, the same on every process and
+    every run, whatever order the conditions are met in."""
+    return zlib.crc32(name.encode()) % processes
+
+
 def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, budget=None) -> dict:
     """Run (or resume) the preset `preset` (a name of `PRESETS` or a
     `Theorem7Config`); write the study JSON `out`, the
@@ -125,16 +138,46 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_uniform.png`,
     `_global.png`, `_lemma6.png`.
     With `budget` (seconds), no condition starts after it is spent: the JSON
-    then summarises the conditions done, and lists the others in `skipped`."""
+    then summarises the conditions done, and lists the others in `skipped`.
+
+    Under multi-controller JAX (`jax.distributed.initialize()` first, every
+    process with the same arguments and a folder they all see) each process
+    computes the conditions it owns (`owner`), in two passes (the bias
+    points need the reference, which one process computes in the first); then
+    process 0 alone reads every condition back and writes the JSON and PNGs,
+    and every process returns that JSON."""
     if isinstance(preset, Theorem7Config):
         cfg = preset
     elif preset in PRESETS:
         cfg = PRESETS[preset]
     else:
         raise ValueError(f"`preset` must be one of {sorted(PRESETS)} or a Theorem7Config")
-    log = print if progress else (lambda *a, **k: None)
+    count, me = jax.process_count(), jax.process_index()
+    if count == 1:
+        return _run(cfg, out, progress, resume, budget)
+    folder = out.with_suffix("")
+    if not resume and me == 0:
+        Conditions(folder, cfg, resume=False)  # clears the folder once
+    mfattn.barrier("theorem7: folder")
+    for n in (1, 2):
+        _run(cfg, out, progress, True, budget, mine=lambda name: owner(name, count) == me)
+        mfattn.barrier(f"theorem7: pass {n}")
+    data = _run(cfg, out, progress, True, budget) if me == 0 else None
+    mfattn.barrier("theorem7: summary")
+    return data if data is not None else json.loads(out.read_text())
+
+
+def _run(cfg, out, progress, resume, budget, mine=None):
+    """One pass over the study: every condition read back or computed (with
+    `mine`, only the ones it accepts, and nothing summarised)."""
+    if not progress:
+        log = lambda *a, **k: None
+    elif jax.process_count() > 1:
+        log = lambda *a, **k: print(f"[p{jax.process_index()}]", *a, **k, flush=True)
+    else:
+        log = print
     t0 = time.perf_counter()
-    conds = Conditions(out.with_suffix(""), cfg, resume, budget)
+    conds = Conditions(out.with_suffix(""), cfg, resume, budget, mine)
     records = {"device": str(jax.devices()[0].device_kind)}
     grid = sorted(((L, H) for L in cfg.L for H in cfg.H), key=lambda g: (g[0] * g[1], g))
     log(f"[1/5] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
@@ -239,6 +282,8 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     records["wall_seconds"] = sum(
         r.get("seconds", 0.0) for r in [*fl, *([ref] if ref else []), *bias, *uni, *glo, *l6]
     )
+    if mine is not None:
+        return None
     data = summarize(cfg, records)
     data["complete"] = not conds.skipped
     data["skipped"] = conds.skipped
