@@ -15,6 +15,7 @@ import pathlib
 
 import jax
 
+from benchmarks import _processes
 from benchmarks.scaling import __doc__ as _study_doc
 from benchmarks.scaling._run import run
 from benchmarks.scaling._summary import table
@@ -44,21 +45,7 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         action="store_true",
         help="rebuild the JSON and PNGs from the per-condition files",
     )
-    d = ap.add_argument_group(
-        "several processes (jax.distributed)",
-        "start the command once per process, every one with the same arguments; "
-        "the conditions are split over the processes, `--out` must be on a file "
-        "system they all see",
-    )
-    d.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() (SLURM, Open MPI and Cloud TPU "
-        "are detected; elsewhere give the three options below)",
-    )
-    d.add_argument("--coordinator", default=None, help="host:port of process 0")
-    d.add_argument("--num-processes", type=int, default=None)
-    d.add_argument("--process-id", type=int, default=None)
+    _processes.add_arguments(ap)
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else "medium" if args.medium else "gpu" if args.gpu else "full"
     out = pathlib.Path(args.out or f"benchmarks/results/scaling_{preset}.json")
@@ -66,9 +53,7 @@ def main(argv=None, prog="python -m benchmarks.scaling"):
         print(table(json.loads(out.read_text())))
         return None
     jax.config.update("jax_enable_x64", True)  # the command line's choice, not the library's
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if args.distributed or any(x is not None for x in explicit):
-        jax.distributed.initialize(*explicit)
+    _processes.initialize(args)
     data = run(
         preset,
         out,

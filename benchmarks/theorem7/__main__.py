@@ -7,6 +7,7 @@ import pathlib
 
 import jax
 
+from benchmarks import _processes
 from benchmarks.theorem7 import __doc__ as _doc
 from benchmarks.theorem7._config import PRESETS
 from benchmarks.theorem7._run import run
@@ -48,21 +49,7 @@ def main(argv=None, prog="python -m benchmarks.theorem7"):
     ap.add_argument(
         "--table", action="store_true", help="print the table of the finished run and exit"
     )
-    d = ap.add_argument_group(
-        "several processes (jax.distributed)",
-        "start the command once per process, every one with the same arguments; "
-        "the conditions are split over the processes, `--out` must be on a file "
-        "system they all see",
-    )
-    d.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() (SLURM, Open MPI and Cloud TPU "
-        "are detected; elsewhere give the three options below)",
-    )
-    d.add_argument("--coordinator", default=None, help="host:port of process 0")
-    d.add_argument("--num-processes", type=int, default=None)
-    d.add_argument("--process-id", type=int, default=None)
+    _processes.add_arguments(ap)
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else "gpu" if args.gpu else "full"
     suffix = "" if preset == "full" else f"_{preset}"
@@ -71,9 +58,7 @@ def main(argv=None, prog="python -m benchmarks.theorem7"):
         data = json.loads(out.read_text())
     else:
         jax.config.update("jax_enable_x64", True)  # the command line's choice
-        explicit = (args.coordinator, args.num_processes, args.process_id)
-        if args.distributed or any(x is not None for x in explicit):
-            jax.distributed.initialize(*explicit)
+        _processes.initialize(args)
         cfg = PRESETS[preset]
         grids = {}
         for flag, field in GRIDS.items():
