@@ -34,3 +34,40 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
     import equinox as eqx
 
     return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
+
+
+def head_problem(key, H=2, n_tok=30, probes=3, tests=4, kdim=3, vdim=None, dtype=jnp.float64):
+    """A kernel's inputs in head space. Keys: `n_tok` tokens (non-uniform
+    weights) then zero-weight probes; queries: the keys, then test queries
+    (weight 0, positions among the tokens and after them). Returns
+    `(q, k, v, w, c, u, qpos, kpos)`."""
+    kq, kk, kv, kw, kc = jax.random.split(key, 5)
+    vdim = kdim if vdim is None else vdim
+    n, m = n_tok + probes, n_tok + probes + tests
+    q = 0.8 * jax.random.normal(kq, (H, m, kdim), dtype)
+    k = 0.8 * jax.random.normal(kk, (H, n, kdim), dtype)
+    v = jax.random.normal(kv, (H, n, vdim), dtype)
+    w = jax.random.uniform(kw, (n_tok,), dtype, minval=0.2, maxval=1.0)
+    w = jnp.concatenate([w / w.sum(), jnp.zeros(probes, dtype)])
+    u = jnp.concatenate([w, jnp.zeros(tests, dtype)])
+    c = jax.random.normal(kc, (H, m, vdim), dtype)
+    kpos = jnp.concatenate([jnp.arange(n_tok), jnp.array([n_tok, 2, 0][:probes])])
+    qpos = jnp.concatenate([kpos, jnp.array([0, 5, n_tok, n_tok + 7][:tests])])
+    return q, k, v, w, c, u, qpos, kpos
+
+
+def attention_reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
+    """`(o, lse)` of the softmax attention from the formulas; zero-weight keys
+    enter through their weight only (so that the derivative in `w_j` at
+    `w_j = 0` is the one-sided one)."""
+    s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
+    if slope is not None:
+        s = s - (slope * jnp.abs(qpos[:, None] - kpos[None, :]) / jnp.sum(w > 0))[None]
+    vis = jnp.ones(s.shape[-2:], bool)
+    if causal:
+        vis = kpos[None, :] < qpos[:, None] if strict else kpos[None, :] <= qpos[:, None]
+    e = jnp.where(vis[None], jnp.exp(s), 0.0) * w[None, None, :]
+    D = jnp.sum(e, -1)
+    safe = jnp.where(D > 0, D, 1.0)  # a query that sees no key: o = 0, lse = inf
+    o = jnp.einsum("hmn,hnk->hmk", e, v) / safe[..., None]
+    return o, jnp.where(D > 0, jnp.log(safe), jnp.inf)

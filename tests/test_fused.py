@@ -6,6 +6,7 @@ without a specialised loop, every mask option, batched (vmapped) calls, queries
 split over several blocks; its forward pass differentiable in both modes; the
 solvers through it; and the default kernel's choice of it."""
 
+import functools
 import shutil
 
 import jax
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err, tree_rel_err
-from helpers import random_loss, random_measure, random_params
+from helpers import attention_reference as _reference
+from helpers import head_problem, random_loss, random_measure, random_params
 
 import mfattn
 from mfattn._kernels import _fused
@@ -26,6 +28,10 @@ OPTIONS = {
     "alibi-strict": dict(causal=True, strict=True, alibi_slope=0.7),
 }
 
+# k = 4 by default: the kernel's specialised loop (33 keys: two vectors of 16
+# floats and a remainder)
+_head_problem = functools.partial(head_problem, kdim=4)
+
 needs_fused = pytest.mark.skipif(
     not mfattn.fused_cpu_available(), reason=f"fused kernel unavailable: {_fused.fused_cpu_error()}"
 )
@@ -37,25 +43,6 @@ def test_builds_where_there_is_a_compiler():
     if shutil.which("c++") or shutil.which("g++"):
         assert mfattn.fused_cpu_available(), _fused.fused_cpu_error()
         assert _fused.fused_cpu_threads() >= 1
-
-
-def _head_problem(key, H=2, n_tok=30, probes=3, tests=4, kdim=4, vdim=None, dtype=jnp.float64):
-    """Keys: `n_tok` tokens (non-uniform weights) then zero-weight probes (33
-    keys: two vectors of 16 floats and a remainder); queries: the keys, then
-    test queries (weight 0, positions among the tokens and after them)."""
-    kq, kk, kv, kw, kc = jax.random.split(key, 5)
-    vdim = kdim if vdim is None else vdim
-    n, m = n_tok + probes, n_tok + probes + tests
-    q = 0.8 * jax.random.normal(kq, (H, m, kdim), dtype)
-    k = 0.8 * jax.random.normal(kk, (H, n, kdim), dtype)
-    v = jax.random.normal(kv, (H, n, vdim), dtype)
-    w = jax.random.uniform(kw, (n_tok,), dtype, minval=0.2, maxval=1.0)
-    w = jnp.concatenate([w / w.sum(), jnp.zeros(probes, dtype)])
-    u = jnp.concatenate([w, jnp.zeros(tests, dtype)])
-    c = jax.random.normal(kc, (H, m, vdim), dtype)
-    kpos = jnp.concatenate([jnp.arange(n_tok), jnp.array([n_tok, 2, 0][:probes])])
-    qpos = jnp.concatenate([kpos, jnp.array([0, 5, n_tok, n_tok + 7][:tests])])
-    return q, k, v, w, c, u, qpos, kpos
 
 
 def _compare(fused, dense, problem, beta, tol):
@@ -153,22 +140,6 @@ def test_vmapped_calls(getkey):
             return jax.jit(jax.vmap(one))(qs, ws, betas)
 
         assert tree_rel_err(run(fused), run(dense)) < 1e-12, name
-
-
-def _reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
-    """`(o, lse)` from the formulas; zero-weight keys enter through their
-    weight only (the one-sided derivative in `w_j` at `w_j = 0`)."""
-    s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
-    if slope is not None:
-        s = s - (slope * jnp.abs(qpos[:, None] - kpos[None, :]) / jnp.sum(w > 0))[None]
-    vis = jnp.ones(s.shape[-2:], bool)
-    if causal:
-        vis = kpos[None, :] < qpos[:, None] if strict else kpos[None, :] <= qpos[:, None]
-    e = jnp.where(vis[None], jnp.exp(s), 0.0) * w[None, None, :]
-    D = jnp.sum(e, -1)
-    safe = jnp.where(D > 0, D, 1.0)
-    o = jnp.einsum("hmn,hnk->hmk", e, v) / safe[..., None]
-    return o, jnp.where(D > 0, jnp.log(safe), jnp.inf)
 
 
 @needs_fused

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err, tree_rel_err
+from helpers import attention_reference as _reference
+from helpers import head_problem as _head_problem
 from helpers import random_loss, random_measure, random_params
 
 import mfattn
@@ -24,24 +26,6 @@ OPTIONS = {
 
 def _pallas(**options):
     return mfattn.PallasKernel(interpret=True, block_q=16, block_k=16, **options)
-
-
-def _head_problem(key, H=2, n_tok=30, probes=3, tests=4, kdim=3, dtype=jnp.float64):
-    """Keys: `n_tok` tokens (non-uniform weights) then zero-weight probes, so
-    that 33 keys make three blocks of 16; queries: the keys, then test queries
-    (weight 0, positions among the tokens and after them)."""
-    kq, kk, kv, kw, kc = jax.random.split(key, 5)
-    n, m = n_tok + probes, n_tok + probes + tests
-    q = 0.8 * jax.random.normal(kq, (H, m, kdim), dtype)
-    k = 0.8 * jax.random.normal(kk, (H, n, kdim), dtype)
-    v = jax.random.normal(kv, (H, n, kdim), dtype)
-    w = jax.random.uniform(kw, (n_tok,), dtype, minval=0.2, maxval=1.0)
-    w = jnp.concatenate([w / w.sum(), jnp.zeros(probes, dtype)])
-    u = jnp.concatenate([w, jnp.zeros(tests, dtype)])
-    c = jax.random.normal(kc, (H, m, kdim), dtype)
-    kpos = jnp.concatenate([jnp.arange(n_tok), jnp.array([n_tok, 2, 0][:probes])])
-    qpos = jnp.concatenate([kpos, jnp.array([0, 5, n_tok, n_tok + 7][:tests])])
-    return q, k, v, w, c, u, qpos, kpos
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -81,23 +65,6 @@ def test_forward_and_backward_match_dense_float32(getkey, name):
     grads_ref = dense.backward(q, k, v, w, o_ref, lse_ref, c, u, 2.0, qpos, kpos)
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == jnp.float32 and rel_err(g, g_ref) < 1e-5
-
-
-def _reference(q, k, v, w, beta, qpos, kpos, causal, strict, slope):
-    """`(o, lse)` from the formulas; zero-weight keys enter through their
-    weight only (so that the derivative in `w_j` at `w_j = 0` is the one-sided
-    one)."""
-    s = beta * jnp.einsum("hmk,hnk->hmn", q, k)
-    if slope is not None:
-        s = s - (slope * jnp.abs(qpos[:, None] - kpos[None, :]) / jnp.sum(w > 0))[None]
-    vis = jnp.ones(s.shape[-2:], bool)
-    if causal:
-        vis = kpos[None, :] < qpos[:, None] if strict else kpos[None, :] <= qpos[:, None]
-    e = jnp.where(vis[None], jnp.exp(s), 0.0) * w[None, None, :]
-    D = jnp.sum(e, -1)
-    safe = jnp.where(D > 0, D, 1.0)  # a query that sees no key: o = 0, lse = inf
-    o = jnp.einsum("hmn,hnk->hmk", e, v) / safe[..., None]
-    return o, jnp.where(D > 0, jnp.log(safe), jnp.inf)
 
 
 @pytest.mark.slow
