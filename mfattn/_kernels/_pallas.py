@@ -398,18 +398,7 @@ def _attend_fwd(cfg, q, k, v, w, beta, qpos, kpos):
 
 
 def _attend_bwd(cfg, res, cts):
-    """The VJP of `(o, lse)`: `d lse_i / d s_ij = w_j A_ij` enters as a shift of
-    `delta_i`; the cotangent of `w_j` is `sum_i dS_ij` (all queries), that of
-    `beta` is `sum_ij w_j dS_ij <q_i, k_j>`."""
-    q, k, v, w, beta, qpos, kpos, o, lse = res
-    ct_o, ct_lse = cts
-    delta = jnp.sum(ct_o * o, -1) - ct_lse
-    u = jnp.ones(q.shape[-2], q.dtype)
-    dqb, dk, dv, ds = _backward(cfg, q, k, v, w, beta, qpos, kpos, lse, delta, ct_o, u)
-    wk = _softmax.lift(w[:, None], dk.ndim)
-    dw = jnp.sum(ds.reshape((-1, w.shape[0])), axis=0)
-    dbeta = jnp.sum(dqb * q).astype(beta.dtype).reshape(beta.shape)
-    return (beta * dqb, wk * dk, wk * dv, dw, dbeta, None, None)
+    return _softmax.forward_vjp(_backward, cfg, res, cts)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

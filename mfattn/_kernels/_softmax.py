@@ -156,3 +156,22 @@ def softmax_weights(q, k, w, lse, beta, mask, bias=None):
     (rows sum to 1 over the visible keys; a row that sees no key is 0)."""
     A = density(q, k, lse, beta, mask, bias)
     return lift(w, A.ndim) * A
+
+
+def forward_vjp(backward, cfg, res, cts):
+    """The VJP of a fused kernel's forward pass `(o, lse)` in `(q, k, v, w,
+    beta)`, from its closed-form `backward(cfg, q, k, v, w, beta, qpos, kpos,
+    lse, delta, c, u) -> (dq / beta, dk, dv, ds)` with `ds_j = sum_i u_i dS_ij`
+    (`res`: `(q, k, v, w, beta, qpos, kpos, o, lse)`). `d lse_i / d s_ij =
+    w_j A_ij` enters as a shift of `delta_i`; the cotangent of `w_j` is
+    `sum_i dS_ij` (all queries), that of `beta` `sum_ij w_j dS_ij <q_i, k_j>`;
+    the positions get none."""
+    q, k, v, w, beta, qpos, kpos, o, lse = res
+    ct_o, ct_lse = cts
+    delta = jnp.sum(ct_o * o, -1) - ct_lse
+    u = jnp.ones(q.shape[-2], q.dtype)
+    dqb, dk, dv, ds = backward(cfg, q, k, v, w, beta, qpos, kpos, lse, delta, ct_o, u)
+    wk = lift(w[:, None], dk.ndim)
+    dw = jnp.sum(ds.reshape((-1, w.shape[0])), axis=0).astype(w.dtype)
+    dbeta = jnp.sum(dqb * q).astype(beta.dtype).reshape(beta.shape)
+    return (beta * dqb, wk * dk, wk * dv, dw, dbeta, None, None)
