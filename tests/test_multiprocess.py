@@ -316,6 +316,7 @@ def test_two_processes_share_the_theorem7_study(tmp_path):
     pass), process 0 alone prints the table and writes the JSON, which equals
     that of 1 process up to timings."""
     args = ["--quick", "--L", "4,8", "--H", "4", "--bias-L", "4,8", "--n", "4"]
+    args += ["--trained-L", "2,4", "--adjoint-H", "2,4"]
     args += ["--no-progress"]
     port = _free_port()
     cmd = [sys.executable, "-m", "benchmarks.theorem7", *args]

@@ -123,6 +123,7 @@ TINY = Theorem7Config(
     global_LH=((1, 2),),
     global_checkpoints=(0, 2),
     global_fit_from=1,
+    trained_bias_L=(),
 )
 
 

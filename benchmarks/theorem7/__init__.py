@@ -10,7 +10,9 @@ part is built so that its cost does not cap the sizes:
    make the limit one McKean-Vlasov ODE with a time-independent field, solved
    with a quasi-Monte-Carlo sample of `M` heads (checked against `4M`); the
    bias of the mean over many initialisations by a split-half estimate, free
-   of the Monte-Carlo noise of the mean;
+   of the Monte-Carlo noise of the mean; after training, its rate from the
+   means at successive depths `L` and `2L`, which needs no trained limit
+   (validated at `k = 0` against the exact limit);
 3. the sup of the fluctuation over token sets of `n` tokens (projected
    gradient ascent on the token positions), unmasked and causal;
 4. the fluctuation along training, to `K = 2000` steps at the decaying step
@@ -19,7 +21,10 @@ part is built so that its cost does not cap the sizes:
    the state apart from the adjoint at the tokens and at test points;
 5. the fluctuation after `K` steps against `d = 2 ... 64` (Lemma 6), with
    AdamW at a fixed per-entry step against blockwise AdamW (sum and mean), and
-   Adam's `eps` swept.
+   Adam's `eps` swept;
+6. the adjoint against the distance of the test points from the tokens: its
+   spread's exponent in `H`, the Lions term's share of its increments, and
+   the effective number of heads that carry it.
 
     python -m benchmarks.theorem7 --quick     # about two minutes on 2 cores
     python -m benchmarks.theorem7             # the full preset (resumable)
@@ -28,8 +33,8 @@ part is built so that its cost does not cap the sizes:
 
 Results: `benchmarks/results/theorem7{,_quick,_gpu}.json`, one file per
 condition in the folder of the same name (resumable), and the PNGs
-`*_fluctuation.png`, `*_bias.png`, `*_uniform.png`, `*_global.png`,
-`*_lemma6.png`.
+`*_fluctuation.png`, `*_bias.png`, `*_bias_trained.png`, `*_uniform.png`,
+`*_global.png`, `*_lemma6.png`, `*_adjoint.png`, `*_adjoint_heads.png`.
 """
 
 from ._config import PRESETS as PRESETS

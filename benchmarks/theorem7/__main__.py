@@ -13,7 +13,15 @@ from benchmarks.theorem7._config import PRESETS
 from benchmarks.theorem7._run import run
 from benchmarks.theorem7._summary import table
 
-GRIDS = {"--L": "L", "--H": "H", "--bias-L": "bias_L", "--n": "uniform_n", "--d": "lemma6_d"}
+GRIDS = {
+    "--L": "L",
+    "--H": "H",
+    "--bias-L": "bias_L",
+    "--trained-L": "trained_bias_L",
+    "--n": "uniform_n",
+    "--d": "lemma6_d",
+    "--adjoint-H": "adjoint_H",
+}
 """The flags that replace a preset's grid (the conditions' files are shared)."""
 
 

@@ -50,6 +50,13 @@ class Theorem7Config:
     reference_rtol: float = 1e-10
     splits: int = 16
     """random split-halves averaged in the bias estimate"""
+    # part 2 after training: the rate of the bias from the means at successive
+    # depths (no trained limit needed), `H = bias_H`, `steps` steps
+    trained_bias_L: tuple[int, ...] = (4, 8, 16)
+    trained_bias_inits: int = 64
+    trained_bias_groups: int = 8
+    """groups of initialisations whose means make the U-statistic and the
+    jackknife"""
     # part 3: the sup over token sets against the number of tokens
     uniform_n: tuple[int, ...] = (4, 8, 16, 32)
     uniform_L: int = 4
@@ -87,6 +94,15 @@ class Theorem7Config:
     lemma6_eta_entry: float = 0.005
     """AdamW's per-entry step at every `d` (`eta / sqrt(4 k)`: part 1's at `d = 4`)"""
 
+    # part 6: the adjoint against the distance from the tokens (part 1's models)
+    adjoint_L: int = 4
+    adjoint_H: tuple[int, ...] = ()
+    """empty in the quick preset"""
+    adjoint_distances: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    """in units of the radius of the task's ball"""
+    adjoint_points: int = 8
+    """test points per token set and distance"""
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -120,6 +136,13 @@ PRESETS = {
         lemma6_optimizers=("adamw", "blockwise_sum", "blockwise_mean"),
         lemma6_eps=(1e-8, 1e-5, 1e-3),
         lemma6_fit_min_d=16,
+        trained_bias_L=(1, 2, 4, 8, 16, 32, 64),
+        trained_bias_inits=1024,
+        trained_bias_groups=16,
+        adjoint_L=8,
+        adjoint_H=(4, 8, 16, 32),
+        adjoint_distances=(0.0, 0.125, 0.25, 0.5, 1.0, 2.0),
+        adjoint_points=16,
     ),
 }
 PRESETS["gpu"] = dataclasses.replace(
@@ -130,6 +153,9 @@ PRESETS["gpu"] = dataclasses.replace(
     bias_L=(1, 2, 4, 8, 16, 32, 64),
     reference_M=2**17,
     uniform_n=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    trained_bias_L=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    trained_bias_inits=512,
+    adjoint_H=(4, 8, 16, 32, 64, 128, 256),
 )
 """`quick`: about two minutes on 2 cores (the main job's default; part 4 to
 `k = 1000` at `L = H = 4`, about 12 s; part 5 left out). `full`: the

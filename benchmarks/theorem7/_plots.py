@@ -234,15 +234,132 @@ def plot_lemma6(data: dict, path: pathlib.Path) -> None:
     _save(fig, path)
 
 
+def plot_bias_trained(data: dict, path: pathlib.Path) -> None:
+    """Does the bias of the mean fall like `1/L` after training? (The distance
+    of the means at `L` and `2L` falls with the bias's exponent.)"""
+    import matplotlib.pyplot as plt
+
+    recs = data.get("bias_trained") or []
+    succ = [r for r in recs if r["quantity"] == "successive"]
+    if not succ:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    K = max(r["k"] for r in succ)
+    styles = (
+        ("successive", 0, "o", "C0", "means at L and 2L, k = 0"),
+        ("successive", K, "o", "C1", f"means at L and 2L, after K = {K}"),
+        ("exact", 0, "s", "C2", "bias against the exact limit, k = 0"),
+    )
+    for quantity, k, marker, color, label in styles:
+        rs = sorted(
+            (r for r in recs if r["quantity"] == quantity and r["k"] == k), key=lambda r: r["L"]
+        )
+        if not rs:
+            continue
+        L = np.array([r["L"] for r in rs], float)
+        v = np.array([r["value"] for r in rs])
+        lo = np.maximum(np.array([r["ci_low"] for r in rs]), v * 1e-2)
+        hi = np.array([r["ci_high"] for r in rs])
+        ax.errorbar(
+            L, v, yerr=[v - lo, hi - v], marker=marker, ms=4, capsize=2, color=color, label=label
+        )
+    L = np.array(sorted({r["L"] for r in succ}), float)
+    top = max(r["value"] for r in succ if r["L"] == L[0])
+    ax.plot(L, 1.2 * top * (L / L[0]) ** -1.0, "k--", lw=1, label="slope -1")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("depth L")
+    ax.set_ylabel("sup over points (state + token adjoint)")
+    c = data["config"]
+    ax.set_title(
+        f"bias of the mean in L, H = {c['bias_H']}, {c['trained_bias_inits']} initialisations",
+        fontsize=10,
+    )
+    ax.legend(fontsize=7, loc="lower left")
+    _save(fig, path)
+
+
+def plot_adjoint(data: dict, path: pathlib.Path) -> None:
+    """Where does the adjoint's spread fall like `H^{-1/2}`? Its exponent in
+    `H` against the distance of the test points from the tokens."""
+    import matplotlib.pyplot as plt
+
+    fits = data["fits"].get("adjoint_vs_H_by_distance") or []
+    if not fits:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    K = max(f["k"] for f in fits)
+    for k, color, shift, label in ((0, "C0", -0.02, "k = 0"), (K, "C1", 0.02, f"after K = {K}")):
+        fs = sorted((f for f in fits if f["k"] == k), key=lambda f: f["distance"])
+        x = np.arange(len(fs)) + shift
+        v = np.array([f["p_spread"] for f in fs])
+        ci = np.array([f["p_spread_ci"] for f in fs])
+        ax.errorbar(
+            x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker="o", capsize=2, color=color, label=label
+        )
+    ax.axhline(-0.5, color="k", ls="--", lw=1, label="-1/2 (theorem)")
+    ax.axhline(0.0, color="gray", lw=0.5)
+    ds = sorted({f["distance"] for f in fits})
+    ax.set_xticks(range(len(ds)), [f"{d:g}" for d in ds])
+    ax.set_xlabel("distance of the test points from a token (units of the task's radius)")
+    ax.set_ylabel("exponent in H of the adjoint's spread")
+    Hs = fits[0]["H"]
+    ax.set_title(f"L = {data['config']['adjoint_L']}, H = {Hs[0]} ... {Hs[-1]}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)
+
+
+def plot_adjoint_heads(data: dict, path: pathlib.Path) -> None:
+    """How many heads carry the adjoint, by distance from the tokens? The
+    participation ratio of the heads' increments times `L H` (an effective
+    number of heads), after training."""
+    import matplotlib.pyplot as plt
+
+    recs = data.get("adjoint_distance") or []
+    if not recs:
+        return
+    K = max(r["k"] for r in recs)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    Hs = sorted({r["H"] for r in recs})
+    cmap = plt.get_cmap("viridis")
+    for i, H in enumerate(Hs):
+        rs = sorted((r for r in recs if r["H"] == H and r["k"] == K), key=lambda r: r["distance"])
+        n = rs[0]["L"] * H
+        v = np.array([r["participation"] * n for r in rs])
+        ci = np.array([r["participation_ci"] for r in rs]) * n
+        x = np.arange(len(rs))
+        ax.errorbar(
+            x,
+            v,
+            yerr=[v - ci[:, 0], ci[:, 1] - v],
+            marker="o",
+            ms=3,
+            capsize=2,
+            color=cmap(i / max(1, len(Hs) - 1)),
+            label=f"H = {H} ({n} heads)",
+        )
+    ds = sorted({r["distance"] for r in recs})
+    ax.set_xticks(range(len(ds)), [f"{d:g}" for d in ds])
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("distance of the test points from a token (units of the task's radius)")
+    ax.set_ylabel("effective number of heads carrying\nthe adjoint (participation x L H)")
+    ax.set_title(f"after K = {K} steps, L = {data['config']['adjoint_L']}", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    _save(fig, path)
+
+
 def plot_all(data: dict, out: pathlib.Path) -> list[pathlib.Path]:
     stem = out.with_suffix("")
     paths = []
     for name, f in (
         ("fluctuation", plot_fluctuation),
         ("bias", plot_bias),
+        ("bias_trained", plot_bias_trained),
         ("uniform", plot_uniform),
         ("global", plot_global),
         ("lemma6", plot_lemma6),
+        ("adjoint", plot_adjoint),
+        ("adjoint_heads", plot_adjoint_heads),
     ):
         p = pathlib.Path(f"{stem}_{name}.png")
         f(data, p)

@@ -12,7 +12,7 @@ import jax
 import mfattn
 from benchmarks.scaling._run import write_json  # atomic, synced
 
-from . import _global, _lemma6, _parts
+from . import _adjoint_distance, _global, _lemma6, _parts, _trained_bias
 from ._config import PRESETS, Theorem7Config
 from ._plots import plot_all
 from ._summary import summarize
@@ -36,6 +36,22 @@ PART_FIELDS = {
         "splits",
         "boots",
     ),
+    "trained": COMMON_FIELDS
+    + (
+        "tokens",
+        "eta",
+        "weight_decay",
+        "batch",
+        "probes",
+        "test_points",
+        "steps",
+        "bias_H",
+        "trained_bias_inits",
+        "trained_bias_groups",
+    ),
+    "adjoint": COMMON_FIELDS
+    + ("tokens", "eta", "weight_decay", "batch", "probes", "test_points", "inits", "steps")
+    + ("adjoint_L", "adjoint_distances", "adjoint_points"),
     "uniform": COMMON_FIELDS
     + (
         "uniform_L",
@@ -135,8 +151,9 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     """Run (or resume) the preset `preset` (a name of `PRESETS` or a
     `Theorem7Config`); write the study JSON `out`, the
     per-condition files in the folder next to it (`out` without `.json`), and
-    the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_uniform.png`,
-    `_global.png`, `_lemma6.png`.
+    the PNGs `out` with `_fluctuation.png`, `_bias.png`, `_bias_trained.png`,
+    `_uniform.png`, `_global.png`, `_lemma6.png`, `_adjoint.png`,
+    `_adjoint_heads.png`.
     With `budget` (seconds), no condition starts after it is spent: the JSON
     then summarises the conditions done, and lists the others in `skipped`.
 
@@ -180,7 +197,7 @@ def _run(cfg, out, progress, resume, budget, mine=None):
     conds = Conditions(out.with_suffix(""), cfg, resume, budget, mine)
     records = {"device": str(jax.devices()[0].device_kind)}
     grid = sorted(((L, H) for L in cfg.L for H in cfg.H), key=lambda g: (g[0] * g[1], g))
-    log(f"[1/5] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
+    log(f"[1/7] fluctuation among {cfg.inits} initialisations, {len(grid)} (L, H)")
     fl = []
     for i, (L, H) in enumerate(grid):
         rec = conds.get(
@@ -195,7 +212,7 @@ def _run(cfg, out, progress, resume, budget, mine=None):
             f"{sum(rec['kK']['total']) / rec['inits']:.4g} ({rec['seconds']:.1f} s)"
         )
     records["fluctuation"] = fl
-    log(f"[2/5] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
+    log(f"[2/7] bias of the mean of {cfg.bias_inits} initialisations at k = 0")
     ref = None
     if cfg.bias_L:
         ref = conds.get("bias-reference", lambda: _parts.bias_reference(cfg), log)
@@ -218,7 +235,25 @@ def _run(cfg, out, progress, resume, budget, mine=None):
             f"mean {rec['noise_of_mean']:.3g}; {rec['seconds']:.1f} s)"
         )
     records["bias"] = bias
-    log("[3/5] sup of the fluctuation over token sets")
+    log(
+        f"[3/7] bias after {cfg.steps} steps: the means of {cfg.trained_bias_inits} "
+        "initialisations at successive depths"
+    )
+    tb = []
+    for L in cfg.trained_bias_L:
+        rec = conds.get(f"trained-L{L}", lambda L=L: _trained_bias.trained_bias_point(cfg, L), log)
+        if rec is None:
+            continue
+        if tb:
+            k0 = _trained_bias.distance(tb[-1]["k0"], rec["k0"])
+            kK = _trained_bias.distance(tb[-1]["kK"], rec["kK"])
+            log(
+                f"  L={tb[-1]['L']} to {L}: distance of the means {k0:.4g} at k=0, "
+                f"{kK:.4g} at k={cfg.steps} ({rec['seconds']:.1f} s)"
+            )
+        tb.append(rec)
+    records["trained_bias"] = tb
+    log("[4/7] sup of the fluctuation over token sets")
     uni = []
     for causal in cfg.causal:
         for n in cfg.uniform_n:
@@ -236,7 +271,7 @@ def _run(cfg, out, progress, resume, budget, mine=None):
             )
     records["uniform"] = uni
     log(
-        f"[4/5] spread along training, {cfg.global_inits} initialisations, shared and "
+        f"[5/7] spread along training, {cfg.global_inits} initialisations, shared and "
         "independent streams"
     )
     glo = []
@@ -257,7 +292,7 @@ def _run(cfg, out, progress, resume, budget, mine=None):
                 + f" ({rec['seconds']:.1f} s)"
             )
     records["global"] = glo
-    log(f"[5/5] spread after {cfg.lemma6_steps} steps against d, per optimiser and eps")
+    log(f"[6/7] spread after {cfg.lemma6_steps} steps against d, per optimiser and eps")
     l6 = []
     for eps in cfg.lemma6_eps:  # the first eps at every d first: a stopped run has its fit
         for d in cfg.lemma6_d:
@@ -279,8 +314,27 @@ def _run(cfg, out, progress, resume, budget, mine=None):
                     f"({rec['seconds']:.1f} s)"
                 )
     records["lemma6"] = l6
+    log(f"[7/7] the adjoint against the distance from the tokens, L = {cfg.adjoint_L}")
+    adj = []
+    for H in cfg.adjoint_H:
+        rec = conds.get(
+            f"adjoint-L{cfg.adjoint_L}-H{H}",
+            lambda H=H: _adjoint_distance.adjoint_point(cfg, H),
+            log,
+        )
+        if rec is None:
+            continue
+        adj.append(rec)
+        spread = [sum(v) / len(v) for v in rec["kK"]["p_spread"]]
+        log(
+            f"  H={H}: p spread after {cfg.steps} steps by distance "
+            + ", ".join(f"{d:g}: {v:.3g}" for d, v in zip(rec["distances"], spread))
+            + f" ({rec['seconds']:.1f} s)"
+        )
+    records["adjoint"] = adj
     records["wall_seconds"] = sum(
-        r.get("seconds", 0.0) for r in [*fl, *([ref] if ref else []), *bias, *uni, *glo, *l6]
+        r.get("seconds", 0.0)
+        for r in [*fl, *([ref] if ref else []), *bias, *tb, *uni, *glo, *l6, *adj]
     )
     if mine is not None:
         return None

@@ -4,6 +4,7 @@ import numpy as np
 
 import mfattn
 
+from ._adjoint_distance import adjoint_fits, adjoint_records
 from ._config import Theorem7Config
 from ._summary_training import (
     global_fits,
@@ -12,6 +13,7 @@ from ._summary_training import (
     lemma6_records,
     training_rows,
 )
+from ._trained_bias import reference_of, trained_bias_fits, trained_bias_records
 
 
 def _interval(per_init) -> dict:
@@ -138,7 +140,7 @@ def questions(data: dict) -> list[dict]:
     fits, rows = data["fits"], []
 
     def add(question, fit, key, ci_key, claims):
-        if not fit:
+        if not fit or fit.get(key) is None:
             return
         value, ci = fit[key], fit[ci_key]
         rows.append(
@@ -178,6 +180,20 @@ def questions(data: dict) -> list[dict]:
         "ci",
         [("-1 (Euler)", -1.0)],
     )
+    add(
+        "bias at k=0 vs L (means at L and 2L)",
+        fits.get("bias_successive_k0_vs_L"),
+        "slope",
+        "ci",
+        [("-1 (Euler)", -1.0)],
+    )
+    add(
+        "bias after K vs L (means at L and 2L)",
+        fits.get("bias_trained_vs_L"),
+        "slope",
+        "ci",
+        [("-1 (Euler)", -1.0)],
+    )
     for causal in (False, True):
         name = "causal" if causal else "unmasked"
         add(
@@ -188,6 +204,17 @@ def questions(data: dict) -> list[dict]:
             [("0 (uniform in n)", 0.0)],
         )
     rows.extend(training_rows(data))
+    by_distance = [f for f in fits.get("adjoint_vs_H_by_distance") or [] if f["k"] > 0]
+    if by_distance:
+        L = data["config"]["adjoint_L"]
+        for f in (by_distance[0], by_distance[-1]):
+            add(
+                f"spread of p after K vs H, {f['distance']:g} R from tokens (L={L})",
+                {"slope": f["p_spread"], "ci": f["p_spread_ci"]},
+                "slope",
+                "ci",
+                [("-1/2 (theorem)", -0.5)],
+            )
     return rows
 
 
@@ -215,6 +242,13 @@ def table(data: dict) -> str:
         f"{ref.get('M_vs_4M', float('nan')):.2g}); sup over token sets: L = H = "
         f"{c['uniform_L']}, k = 0, the state only."
     )
+    if data.get("bias_trained"):
+        lines.append(
+            f"Bias after training: {c['trained_bias_inits']} initialisations in "
+            f"{c['trained_bias_groups']} groups at L in {list(c['trained_bias_L'])}, H = "
+            f"{c['bias_H']}, K = {c['steps']}; the distance of the means at L and 2L, whose "
+            "exponent is the bias's (no trained limit needed)."
+        )
     if data.get("global_in_K"):
         lines.append(
             f"Spread vs k: {c['global_inits']} initialisations at (L, H) in "
@@ -282,5 +316,10 @@ def summarize(cfg: Theorem7Config, records: dict) -> dict:
     data["lemma6_d"] = lemma6_records(records.get("lemma6", []))
     fits["global_in_K"] = global_fits(records.get("global", []), cfg.global_fit_from)
     fits["fluctuation_vs_d"] = lemma6_fits(records.get("lemma6", []), cfg.lemma6_fit_min_d)
+    tref = reference_of(ref)
+    data["bias_trained"] = trained_bias_records(records.get("trained_bias", []), tref)
+    fits.update(trained_bias_fits(records.get("trained_bias", []), tref, cfg.fit_min_L))
+    data["adjoint_distance"] = adjoint_records(records.get("adjoint", []))
+    fits["adjoint_vs_H_by_distance"] = adjoint_fits(records.get("adjoint", []))
     data["questions"] = questions(data)
     return data
