@@ -52,9 +52,9 @@ class Theorem7Config:
     """random split-halves averaged in the bias estimate"""
     # part 2 after training: the rate of the bias from the means at successive
     # depths (no trained limit needed), `H = bias_H`, `steps` steps
-    trained_bias_L: tuple[int, ...] = (4, 8, 16)
-    trained_bias_inits: int = 64
-    trained_bias_groups: int = 8
+    trained_bias_L: tuple[int, ...] = (4, 8, 16, 32)
+    trained_bias_inits: int = 256
+    trained_bias_groups: int = 16
     """groups of initialisations whose means make the U-statistic and the
     jackknife"""
     # part 3: the sup over token sets against the number of tokens
@@ -111,8 +111,8 @@ PRESETS = {
     "quick": Theorem7Config(name="quick"),
     "full": Theorem7Config(
         name="full",
-        L=(1, 2, 4, 8, 16, 32),
-        H=(4, 8, 16, 32),
+        L=(1, 2, 4, 8, 16, 32, 64),
+        H=(4, 8, 16, 32, 64),
         inits=64,
         steps=200,
         probes=2,
@@ -140,7 +140,7 @@ PRESETS = {
         trained_bias_inits=1024,
         trained_bias_groups=16,
         adjoint_L=8,
-        adjoint_H=(4, 8, 16, 32),
+        adjoint_H=(4, 8, 16, 32, 64),
         adjoint_distances=(0.0, 0.125, 0.25, 0.5, 1.0, 2.0),
         adjoint_points=16,
     ),
