@@ -157,11 +157,11 @@ PRESETS["gpu"] = dataclasses.replace(
     trained_bias_inits=512,
     adjoint_H=(4, 8, 16, 32, 64, 128, 256),
 )
-"""`quick`: about two minutes on 2 cores (the main job's default; part 4 to
-`k = 1000` at `L = H = 4`, about 12 s; part 5 left out). `full`: the
-CPU preset (`L, H` to 32: the cost of a point grows like `L H`, about 0.6 s
-per head on 2 cores with 64 initialisations and 200 steps; parts 4 and 5
-took 8 min each on 2 shared cores: 2000 steps of 32 initialisations on two
-streams at `L = H = 16` in 4.6 min, and 54 conditions in `d` of which the 18
-first, at one `eps`, compile: about 20 s each, the others 1-3 s). `gpu`: `L,
-H` to 256 and `n` to 1024, for one GPU (parts 4 and 5 as `full`)."""
+"""`quick`: about two minutes on 2 cores (the main job's default; part 2 after
+training at `L = 4 ... 32`, part 4 to `k = 1000` at `L = H = 4`, about 12 s;
+parts 5 and 6 left out). `full`: the CPU preset (`L, H` to 64; 92 min of
+conditions on 2 cores, some beside other studies: part 1 35 min, part 2 16
+min at `k = 0` and 10 min after training, parts 3 to 6 about 8 min each;
+in part 5 the first `eps` at each `(d, optimiser)` compiles, about 20 s, the
+others take 1-3 s). `gpu`: `L, H` to 256 and `n` to 1024, for one GPU
+(parts 4 and 5 as `full`)."""
