@@ -12,7 +12,7 @@ part is built so that its cost does not cap the sizes:
    bias of the mean over many initialisations by a split-half estimate, free
    of the Monte-Carlo noise of the mean; after training, its rate from the
    means at successive depths `L` and `2L`, which needs no trained limit
-   (validated at `k = 0` against the exact limit);
+   (checked at `k = 0` against the exact limit);
 3. the sup of the fluctuation over token sets of `n` tokens (projected
    gradient ascent on the token positions), unmasked and causal;
 4. the fluctuation along training, to `K = 2000` steps at the decaying step

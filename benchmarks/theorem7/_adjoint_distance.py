@@ -122,6 +122,14 @@ def _carriers(c):
     return share, pr
 
 
+def _lions_share(lions, local):
+    """`lions`, `local` `(R, L, H, m)` norms of the two parts of each head's
+    increment: per initialisation, the mean over points of `sum |lions| /
+    sum (|lions| + |local|)` over the `L H` heads."""
+    total = (lions + local).sum(axis=(1, 2))
+    return (lions.sum(axis=(1, 2)) / np.maximum(total, 1e-300)).mean(axis=1)
+
+
 def adjoint_point(cfg: Theorem7Config, H: int) -> dict:
     """Part 1's `cfg.inits` models at `(cfg.adjoint_L, H)`, at `k = 0` and after
     `cfg.steps` steps, at test points at each distance of
@@ -165,8 +173,7 @@ def adjoint_point(cfg: Theorem7Config, H: int) -> dict:
             share, pr = _carriers(c)
             rows["share"].append(share.tolist())
             rows["participation"].append(pr.tolist())
-            frac = li.sum(axis=(1, 2)) / np.maximum((li + lo).sum(axis=(1, 2)), 1e-300)
-            rows["lions_share"].append(frac.mean(axis=1).tolist())
+            rows["lions_share"].append(_lions_share(li, lo).tolist())
             scale.append(float(np.linalg.norm(pz.mean(axis=0), axis=-1).max()))
         rec[name] = {**rows, "p_scale": scale, "recursion_check": check}
     losses = np.asarray(losses)
@@ -202,8 +209,9 @@ def adjoint_records(points: list[dict]) -> list[dict]:
 
 def adjoint_fits(points: list[dict]) -> list[dict]:
     """Per `k` and distance: the exponent in `H` of the spread of `p` and of
-    `x` (jackknife over initialisations, paired across `H`: part 1's
-    initialisation indices)."""
+    `x`, with jackknife intervals over initialisations (the draws at
+    different `H` are independent, so deleting index `r` at every `H` is a
+    delete-one jackknife of independent blocks)."""
     pts = sorted(points, key=lambda p: p["H"])
     if len(pts) < 2:
         return []

@@ -15,7 +15,7 @@ U-statistic over pairs of distinct groups,
 squared distance of the means whatever the Monte-Carlo noise of each group,
 like part 2's split-half estimate; the interval is the jackknife over groups.
 At `k = 0` the same groups give the bias against part 2's exact limit, which
-validates the method: the two exponents must agree."""
+checks the method: the two exponents must agree."""
 
 import numpy as np
 
@@ -66,8 +66,9 @@ def _sup_root(u) -> float:
 
 def _cross(a, b=None):
     """Per point, the U-statistic `1 / (G (G-1)) sum_{g != g'} <a_g - b_g,
-    a_g' - b_g'>` of group means `a, b` `(G, points, d)` (`b` a reference
-    `(points, d)` or absent: zero)."""
+    a_g' - b_g'>` of group means `a` `(G, points, d)` against `b`: another
+    depth's group means `(G, points, d)`, a reference `(points, d)` (the
+    same for every group), or absent (zero)."""
     e = a if b is None else a - b
     G = e.shape[0]
     s = e.sum(axis=0)
@@ -89,6 +90,11 @@ def distance(a: dict, b: dict | None, groups=None, signs=None) -> float:
         ga = np.asarray(a[part])[idx]
         gb = np.asarray(b[part]) if b is not None else None
         if gb is not None and gb.ndim == 3:  # another depth's groups
+            if gb.shape[0] != np.asarray(a[part]).shape[0]:
+                raise ValueError(
+                    f"the two depths have {np.asarray(a[part]).shape[0]} and {gb.shape[0]} "
+                    "groups: their distance needs the same number"
+                )
             gb = gb[idx]
         e = ga if gb is None else ga - gb
         if signs is not None:  # the noise alone: centred, rescaled, sign-flipped
@@ -99,15 +105,17 @@ def distance(a: dict, b: dict | None, groups=None, signs=None) -> float:
     return out
 
 
-def noise_floor(a: dict, b: dict | None, draws: int = 200, seed: int = 0) -> float:
-    """The median of `distance` over random sign flips of the groups' centred
-    differences: what the estimate gives where the means do not differ (the
-    sup over points of the positive part of the noise). Values near it are
-    not resolved."""
+def noise_floor(
+    a: dict, b: dict | None, draws: int = 200, seed: int = 0, level: float = 0.95
+) -> float:
+    """The `level` quantile of `distance` over random sign flips of the
+    groups' centred differences: what the estimate gives where the means do
+    not differ (the sup over points of the positive part of the noise), so
+    that a distance at or below it is not resolved."""
     G = np.asarray(a["x"]).shape[0]
     rng = np.random.default_rng(seed)
     vals = [distance(a, b, signs=rng.choice([-1.0, 1.0], G)) for _ in range(draws)]
-    return float(np.median(vals))
+    return float(np.quantile(vals, level))
 
 
 def _jackknife(stat, G: int) -> dict:
@@ -124,7 +132,7 @@ def trained_bias_records(points: list[dict], reference: dict | None) -> list[dic
     out = []
     for k_name in ("k0", "kK"):
         for a, b in zip(pts, pts[1:]):
-            G = min(a["groups"], b["groups"])
+            G = a["groups"]
             d = _jackknife(lambda idx, a=a[k_name], b=b[k_name]: distance(a, b, idx), G)
             out.append(
                 {
@@ -168,31 +176,32 @@ def trained_bias_fits(points: list[dict], reference: dict | None, min_L: int) ->
     `L >= min_L`, each with its jackknife interval over groups (the groups of
     every depth are independent, so deleting group `g` everywhere is a
     delete-one jackknife of independent blocks). Where a distance is at or
-    below the noise of the means (its estimate is 0), the fit has no slope,
-    and says why."""
+    below its noise floor (`noise_floor`), the fit has no slope, and says
+    why; a leave-one-group-out replicate in which a distance is 0 makes the
+    interval `nan` (every replicate fits the same depths)."""
     pts = sorted((p for p in points if p["L"] >= min_L), key=lambda p: p["L"])
     fits = {}
     if not pts:
         return fits
     G = min(p["groups"] for p in pts)
 
-    def slope(values_of):
+    def slope(values_of, floors):
         ls, vs = values_of(np.arange(G))
-        if min(vs) <= 0:  # a distance below the noise of the means: no exponent
+        low = [L for L, v, f in zip(ls, vs, floors) if v <= f]
+        if low:  # a distance within the noise of the means: no exponent
             return {
                 "slope": None,
                 "ci": None,
                 "min_L": min_L,
-                "why": "a distance at or below the noise of the means, at L = "
-                + ", ".join(str(L) for L, v in zip(ls, vs) if v <= 0),
+                "why": "a distance at or below its noise floor, at L = "
+                + ", ".join(str(L) for L in low),
             }
 
         def stat(idx):
             ls, vs = values_of(idx)
-            ok = np.asarray(vs) > 0
-            if ok.sum() < 2:
+            if min(vs) <= 0:
                 return np.nan
-            return np.polyfit(np.log(np.asarray(ls)[ok]), np.log(np.asarray(vs)[ok]), 1)[0]
+            return np.polyfit(np.log(ls), np.log(vs), 1)[0]
 
         jk = mfattn.jackknife(stat, G, min_samples=4)
         return {"slope": jk["estimate"], "ci": jk["ci"], "min_L": min_L}
@@ -204,13 +213,17 @@ def trained_bias_fits(points: list[dict], reference: dict | None, min_L: int) ->
                 lambda idx, k_name=k_name: (
                     [a["L"] for a, _ in pairs],
                     [distance(a[k_name], b[k_name], idx) for a, b in pairs],
-                )
+                ),
+                [noise_floor(a[k_name], b[k_name]) for a, b in pairs],
             )
             f["points"] = len(pairs)
             fits[key] = f
     if reference is not None and len(pts) >= 2:
         ref = {"x": np.asarray(reference["x"]), "p": np.asarray(reference["p"])}
-        f = slope(lambda idx: ([a["L"] for a in pts], [distance(a["k0"], ref, idx) for a in pts]))
+        f = slope(
+            lambda idx: ([a["L"] for a in pts], [distance(a["k0"], ref, idx) for a in pts]),
+            [noise_floor(a["k0"], ref) for a in pts],
+        )
         f["points"] = len(pts)
         fits["bias_exact_k0_vs_L_same_inits"] = f
     return fits
