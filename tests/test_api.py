@@ -171,7 +171,7 @@ def test_sphere_with_mlp_and_sqrt_scaling_matches_autodiff(getkey):
 
 
 # ---------------------------------------------------- the limit's Diffrax options
-@pytest.mark.parametrize("L", [8, 5])
+@pytest.mark.parametrize("L", [pytest.param(8, marks=pytest.mark.slow), 5])
 def test_limit_euler_is_the_discrete_model(getkey, L):
     """`solve_limit` with Euler steps of `1/L` on the piecewise-constant path of
     the `L` layers is `solve_discrete`, forward, adjoint and gradient map."""
@@ -214,7 +214,9 @@ def test_fixed_step_solver_needs_dt0(getkey):
 @pytest.mark.parametrize(
     "adjoint",
     [
-        diffrax.RecursiveCheckpointAdjoint(),
+        # slow too: tests/test_limit.py checks jax.grad with this adjoint
+        # against the closed-form gradient in the default selection
+        pytest.param(diffrax.RecursiveCheckpointAdjoint(), marks=pytest.mark.slow),
         pytest.param(diffrax.DirectAdjoint(), marks=pytest.mark.slow),
         pytest.param(diffrax.BacksolveAdjoint(), marks=pytest.mark.slow),
     ],

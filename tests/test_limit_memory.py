@@ -91,6 +91,7 @@ def test_checkpointed_gradient_is_the_autodiff_gradient(getkey):
     assert abs(float(c * fd - g1.Q[1, 0, 0, 0])) < 1e-6 * float(jnp.max(jnp.abs(g1.Q)))
 
 
+@pytest.mark.slow  # a property of the compiled program; benchmarks/limit_memory.py measures it
 def test_memory_does_not_grow_with_max_steps(getkey):
     """XLA's accounting of the compiled forward + adjoint (`limit_gradient`):
     the checkpointed route's temporary memory does not grow with `max_steps`,

@@ -40,6 +40,7 @@ def test_token_sharded_discrete_equals_single_device(getkey, beta, chunk):
     assert rel_err(many.loss, one.loss) < 1e-12
 
 
+@pytest.mark.slow  # the kernel's token sharding is checked through solve_discrete by default
 def test_token_sharded_limit_equals_single_device(getkey):
     measure = random_measure(getkey(), 10, 3)
     loss = random_loss(getkey(), "denoise", measure)
