@@ -225,6 +225,8 @@ AFTER_TRAINING = Theorem7Config(
     trained_bias_L=(1, 2, 4, 8),
     trained_bias_inits=16,
     trained_bias_groups=4,
+    trained_bias_more_H=(2,),
+    trained_bias_more_L=(1, 2, 4),
     adjoint_L=2,
     adjoint_H=(2, 4),
     adjoint_distances=(0.0, 1.0),
@@ -239,7 +241,10 @@ def test_after_training_parts_end_to_end_resume(tmp_path, monkeypatch):
     data = run(AFTER_TRAINING, out, progress=False)
     assert data["complete"]
     succ = [r for r in data["bias_trained"] if r["quantity"] == "successive"]
-    assert {(r["L"], r["k"]) for r in succ} == {(L, k) for L in (1, 2, 4) for k in (0, 2)}
+    assert {(r["L"], r["k"], r["H"]) for r in succ} == {
+        (L, k, 4) for L in (1, 2, 4) for k in (0, 2)
+    } | {(L, k, 2) for L in (1, 2) for k in (0, 2)}
+    assert set(data["fits"]["bias_trained_vs_L_by_H"]) == {"2"}
     assert {r["L"] for r in data["bias_trained"] if r["quantity"] == "exact"} == {1, 2, 4, 8}
     for key in ("bias_trained_vs_L", "bias_successive_k0_vs_L", "bias_exact_k0_vs_L_same_inits"):
         assert set(data["fits"][key]) >= {"slope", "ci"}
@@ -253,7 +258,9 @@ def test_after_training_parts_end_to_end_resume(tmp_path, monkeypatch):
     has_slope = data["fits"]["bias_trained_vs_L"]["slope"] is not None
     assert ("bias after K vs L (means at L and 2L)" in text) == has_slope
     assert "spread of p after K vs H, 1 R from tokens (L=2)" in text
-    monkeypatch.setattr(_trained_bias, "trained_bias_point", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(
+        _trained_bias, "trained_bias_point", lambda *a, **k: pytest.fail("recomputed")
+    )
     monkeypatch.setattr(_adjoint_distance, "adjoint_point", lambda *a: pytest.fail("recomputed"))
     again = run(AFTER_TRAINING, out, progress=False)
     assert json.dumps(again["fits"]) == json.dumps(data["fits"])

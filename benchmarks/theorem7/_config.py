@@ -57,6 +57,11 @@ class Theorem7Config:
     tell (about 30 s more of the main job); `--trained-L 4,8,16,32` runs it"""
     trained_bias_inits: int = 256
     trained_bias_groups: int = 16
+    trained_bias_more_H: tuple[int, ...] = ()
+    """more head counts for part 2 after training, besides `bias_H` (the same
+    initialisations per depth and the same stream), at the depths
+    `trained_bias_more_L`"""
+    trained_bias_more_L: tuple[int, ...] = ()
     """groups of initialisations whose means make the U-statistic and the
     jackknife"""
     # part 3: the sup over token sets against the number of tokens
@@ -141,6 +146,8 @@ PRESETS = {
         trained_bias_L=(1, 2, 4, 8, 16, 32, 64),
         trained_bias_inits=1024,
         trained_bias_groups=16,
+        trained_bias_more_H=(16,),
+        trained_bias_more_L=(1, 2, 4, 8, 16, 32),
         adjoint_L=8,
         adjoint_H=(4, 8, 16, 32, 64),
         adjoint_distances=(0.0, 0.125, 0.25, 0.5, 1.0, 2.0),

@@ -253,6 +253,26 @@ def _run(cfg, out, progress, resume, budget, mine=None):
             )
         tb.append(rec)
     records["trained_bias"] = tb
+    more = []
+    for H in cfg.trained_bias_more_H:
+        row = []
+        for L in cfg.trained_bias_more_L:
+            rec = conds.get(
+                f"trained-L{L}-H{H}",
+                lambda L=L, H=H: _trained_bias.trained_bias_point(cfg, L, H),
+                log,
+            )
+            if rec is None:
+                continue
+            if row:
+                kK = _trained_bias.distance(row[-1]["kK"], rec["kK"])
+                log(
+                    f"  H={H}, L={row[-1]['L']} to {L}: distance of the means {kK:.4g} "
+                    f"at k={cfg.steps} ({rec['seconds']:.1f} s)"
+                )
+            row.append(rec)
+        more.extend(row)
+    records["trained_bias_more"] = more
     log("[4/7] sup of the fluctuation over token sets")
     uni = []
     for causal in cfg.causal:
@@ -334,7 +354,7 @@ def _run(cfg, out, progress, resume, budget, mine=None):
     records["adjoint"] = adj
     records["wall_seconds"] = sum(
         r.get("seconds", 0.0)
-        for r in [*fl, *([ref] if ref else []), *bias, *tb, *uni, *glo, *l6, *adj]
+        for r in [*fl, *([ref] if ref else []), *bias, *tb, *more, *uni, *glo, *l6, *adj]
     )
     if mine is not None:
         return None

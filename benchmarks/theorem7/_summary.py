@@ -194,6 +194,14 @@ def questions(data: dict) -> list[dict]:
         "ci",
         [("-1 (Euler)", -1.0)],
     )
+    for H, f in (fits.get("bias_trained_vs_L_by_H") or {}).items():
+        add(
+            f"bias after K vs L (means at L and 2L, H={H})",
+            f.get("bias_trained_vs_L"),
+            "slope",
+            "ci",
+            [("-1 (Euler)", -1.0)],
+        )
     for causal in (False, True):
         name = "causal" if causal else "unmasked"
         add(
@@ -246,7 +254,13 @@ def table(data: dict) -> str:
         lines.append(
             f"Bias after training: {c['trained_bias_inits']} initialisations in "
             f"{c['trained_bias_groups']} groups at L in {list(c['trained_bias_L'])}, H = "
-            f"{c['bias_H']}, K = {c['steps']}; the distance of the means at L and 2L, whose "
+            f"{c['bias_H']}"
+            + "".join(
+                f" (and H = {h} at L in {list(c['trained_bias_more_L'])})"
+                for h in c.get("trained_bias_more_H", ())
+            )
+            + ", "
+            f"K = {c['steps']}; the distance of the means at L and 2L, whose "
             "exponent is the bias's (no trained limit needed)."
         )
     if data.get("global_in_K"):
@@ -319,6 +333,12 @@ def summarize(cfg: Theorem7Config, records: dict) -> dict:
     tref = reference_of(ref)
     data["bias_trained"] = trained_bias_records(records.get("trained_bias", []), tref)
     fits.update(trained_bias_fits(records.get("trained_bias", []), tref, cfg.fit_min_L))
+    more = records.get("trained_bias_more", [])
+    data["bias_trained"] += trained_bias_records(more, None)
+    fits["bias_trained_vs_L_by_H"] = {
+        str(H): trained_bias_fits([p for p in more if p["H"] == H], None, cfg.fit_min_L)
+        for H in sorted({p["H"] for p in more})
+    }
     data["adjoint_distance"] = adjoint_records(records.get("adjoint", []))
     fits["adjoint_vs_H_by_distance"] = adjoint_fits(records.get("adjoint", []))
     data["questions"] = questions(data)

@@ -25,8 +25,9 @@ from ._config import Theorem7Config
 from ._parts import _stack_points, inits_of, keys_of, probe_outputs, probes_of, train_inits
 
 
-def trained_bias_point(cfg: Theorem7Config, L: int) -> dict:
-    """`cfg.trained_bias_inits` initialisations at depth `L` (`H = cfg.bias_H`)
+def trained_bias_point(cfg: Theorem7Config, L: int, H: int | None = None) -> dict:
+    """`cfg.trained_bias_inits` initialisations at depth `L` (`H` heads, default
+    `cfg.bias_H`)
     trained `cfg.steps` steps on one data stream (the same for every `L`): the
     means over `cfg.trained_bias_groups` groups of the state at depth 1 of the
     tokens and test points and of the adjoint at depth 0 of the tokens, at
@@ -41,9 +42,10 @@ def trained_bias_point(cfg: Theorem7Config, L: int) -> dict:
             f"`trained_bias_inits` ({R}) must be a multiple of `trained_bias_groups` ({G}), "
             "with at least 2 initialisations per group"
         )
-    params = inits_of(cfg, init_key, L, cfg.bias_H, R)
+    H = cfg.bias_H if H is None else H
+    params = inits_of(cfg, init_key, L, H, R)
     trained, losses = train_inits(cfg, params, data_key, cfg.steps)
-    rec = {"L": L, "H": cfg.bias_H, "inits": R, "groups": G, "steps": cfg.steps}
+    rec = {"L": L, "H": H, "inits": R, "groups": G, "steps": cfg.steps}
     for name, p in (("k0", params), ("kK", trained)):
         x, pt = _stack_points(probe_outputs(p, probes, cfg.beta))
         group = lambda a: a.reshape(G, R // G, *a.shape[1:]).mean(axis=1)
@@ -127,7 +129,15 @@ def trained_bias_records(points: list[dict], reference: dict | None) -> list[dic
     """Per `k` (`0` and `K`) and successive depths `L, 2L` of the grid: the
     distance of the means with its jackknife interval over groups and its
     noise floor (`noise_floor`); at `k = 0` also each depth's bias against
-    the exact limit of part 2 (`reference`, when given)."""
+    the exact limit of part 2 (`reference`, when given). Points of several
+    `H` are taken one `H` at a time."""
+    Hs = sorted({p["H"] for p in points})
+    if len(Hs) > 1:
+        return [
+            r
+            for H in Hs
+            for r in trained_bias_records([p for p in points if p["H"] == H], reference)
+        ]
     pts = sorted(points, key=lambda p: p["L"])
     out = []
     for k_name in ("k0", "kK"):
