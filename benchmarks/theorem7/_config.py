@@ -168,9 +168,9 @@ PRESETS["gpu"] = dataclasses.replace(
 )
 """`quick`: about two minutes on 2 cores (the main job's default; part 4 to
 `k = 1000` at `L = H = 4`, about 12 s; part 2 after training and parts 5 and
-6 left out). `full`: the CPU preset (`L, H` to 64; 92 min of
+6 left out). `full`: the CPU preset (`L, H` to 64; 118 min of
 conditions on 2 cores, some beside other studies: part 1 35 min, part 2 16
-min at `k = 0` and 10 min after training, parts 3 to 6 about 8 min each;
+min at `k = 0` and 35 min after training, parts 3 to 6 about 8 min each;
 in part 5 the first `eps` at each `(d, optimiser)` compiles, about 20 s, the
 others take 1-3 s). `gpu`: `L, H` to 256 and `n` to 1024, for one GPU
 (parts 4 and 5 as `full`)."""

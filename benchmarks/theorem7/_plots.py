@@ -239,7 +239,8 @@ def plot_bias_trained(data: dict, path: pathlib.Path) -> None:
     of the means at `L` and `2L` falls with the bias's exponent.)"""
     import matplotlib.pyplot as plt
 
-    recs = data.get("bias_trained") or []
+    H = data["config"]["bias_H"]  # the other head counts are in the JSON
+    recs = [r for r in data.get("bias_trained") or [] if r["H"] == H]
     succ = [r for r in recs if r["quantity"] == "successive"]
     if not succ:
         return
