@@ -184,6 +184,29 @@ def run(preset, out: pathlib.Path, progress: bool = True, resume: bool = True, b
     return data if data is not None else json.loads(out.read_text())
 
 
+def _trained_row(conds, cfg, log, H, depths, name):
+    """Part 2 after training at `H` heads: the records at `depths` (condition
+    names from the pattern `name`), with the distance of the means of
+    successive depths logged."""
+    row = []
+    for L in depths:
+        rec = conds.get(
+            name.format(L=L, H=H),
+            lambda L=L: _trained_bias.trained_bias_point(cfg, L, H),
+            log,
+        )
+        if rec is None:
+            continue
+        if row:
+            k0, kK = (_trained_bias.distance(row[-1][k], rec[k]) for k in ("k0", "kK"))
+            log(
+                f"  H={H}, L={row[-1]['L']} to {L}: distance of the means {k0:.4g} at k=0, "
+                f"{kK:.4g} at k={cfg.steps} ({rec['seconds']:.1f} s)"
+            )
+        row.append(rec)
+    return row
+
+
 def _run(cfg, out, progress, resume, budget, mine=None):
     """One pass over the study: every condition read back or computed (with
     `mine`, only the ones it accepts, and nothing summarised)."""
@@ -239,39 +262,13 @@ def _run(cfg, out, progress, resume, budget, mine=None):
         f"[3/7] bias after {cfg.steps} steps: the means of {cfg.trained_bias_inits} "
         "initialisations at successive depths"
     )
-    tb = []
-    for L in cfg.trained_bias_L:
-        rec = conds.get(f"trained-L{L}", lambda L=L: _trained_bias.trained_bias_point(cfg, L), log)
-        if rec is None:
-            continue
-        if tb:
-            k0 = _trained_bias.distance(tb[-1]["k0"], rec["k0"])
-            kK = _trained_bias.distance(tb[-1]["kK"], rec["kK"])
-            log(
-                f"  L={tb[-1]['L']} to {L}: distance of the means {k0:.4g} at k=0, "
-                f"{kK:.4g} at k={cfg.steps} ({rec['seconds']:.1f} s)"
-            )
-        tb.append(rec)
+    tb = _trained_row(conds, cfg, log, cfg.bias_H, cfg.trained_bias_L, "trained-L{L}")
     records["trained_bias"] = tb
-    more = []
-    for H in cfg.trained_bias_more_H:
-        row = []
-        for L in cfg.trained_bias_more_L:
-            rec = conds.get(
-                f"trained-L{L}-H{H}",
-                lambda L=L, H=H: _trained_bias.trained_bias_point(cfg, L, H),
-                log,
-            )
-            if rec is None:
-                continue
-            if row:
-                kK = _trained_bias.distance(row[-1]["kK"], rec["kK"])
-                log(
-                    f"  H={H}, L={row[-1]['L']} to {L}: distance of the means {kK:.4g} "
-                    f"at k={cfg.steps} ({rec['seconds']:.1f} s)"
-                )
-            row.append(rec)
-        more.extend(row)
+    more = [
+        rec
+        for H in cfg.trained_bias_more_H
+        for rec in _trained_row(conds, cfg, log, H, cfg.trained_bias_more_L, "trained-L{L}-H{H}")
+    ]
     records["trained_bias_more"] = more
     log("[4/7] sup of the fluctuation over token sets")
     uni = []

@@ -139,45 +139,37 @@ def trained_bias_records(points: list[dict], reference: dict | None) -> list[dic
             for r in trained_bias_records([p for p in points if p["H"] == H], reference)
         ]
     pts = sorted(points, key=lambda p: p["L"])
-    out = []
-    for k_name in ("k0", "kK"):
-        for a, b in zip(pts, pts[1:]):
-            G = a["groups"]
-            d = _jackknife(lambda idx, a=a[k_name], b=b[k_name]: distance(a, b, idx), G)
-            out.append(
-                {
-                    "k": 0 if k_name == "k0" else a["steps"],
-                    "quantity": "successive",
-                    "L": a["L"],
-                    "L_next": b["L"],
-                    "H": a["H"],
-                    "inits": a["inits"],
-                    "value": d["value"],
-                    "ci_low": d["ci"][0],
-                    "ci_high": d["ci"][1],
-                    "noise_of_mean": max(a[k_name]["noise_of_mean"], b[k_name]["noise_of_mean"]),
-                    "noise_floor": noise_floor(a[k_name], b[k_name]),
-                }
-            )
+    out = [
+        _record(a, k_name, b[k_name], L_next=b["L"])
+        for k_name in ("k0", "kK")
+        for a, b in zip(pts, pts[1:])
+    ]
     if reference is not None:
         ref = {"x": np.asarray(reference["x"]), "p": np.asarray(reference["p"])}
-        for a in pts:
-            d = _jackknife(lambda idx, a=a: distance(a["k0"], ref, idx), a["groups"])
-            out.append(
-                {
-                    "k": 0,
-                    "quantity": "exact",
-                    "L": a["L"],
-                    "H": a["H"],
-                    "inits": a["inits"],
-                    "value": d["value"],
-                    "ci_low": d["ci"][0],
-                    "ci_high": d["ci"][1],
-                    "noise_of_mean": a["k0"]["noise_of_mean"],
-                    "noise_floor": noise_floor(a["k0"], ref),
-                }
-            )
+        out += [_record(a, "k0", ref) for a in pts]
     return out
+
+
+def _record(a: dict, k_name: str, b: dict, **extra) -> dict:
+    """The distance of `a[k_name]`'s means to `b` (another depth's record at
+    the same `k`, quantity `successive`, or a reference, `exact`), with its
+    jackknife interval over groups, the noise of the means and the noise
+    floor."""
+    d = _jackknife(lambda idx: distance(a[k_name], b, idx), a["groups"])
+    noise = [a[k_name]["noise_of_mean"]] + ([b["noise_of_mean"]] if "noise_of_mean" in b else [])
+    return {
+        "k": 0 if k_name == "k0" else a["steps"],
+        "quantity": "successive" if "noise_of_mean" in b else "exact",
+        "L": a["L"],
+        **extra,
+        "H": a["H"],
+        "inits": a["inits"],
+        "value": d["value"],
+        "ci_low": d["ci"][0],
+        "ci_high": d["ci"][1],
+        "noise_of_mean": max(noise),
+        "noise_floor": noise_floor(a[k_name], b),
+    }
 
 
 def trained_bias_fits(points: list[dict], reference: dict | None, min_L: int) -> dict:
