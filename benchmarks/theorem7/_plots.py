@@ -13,6 +13,12 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _errorbar(ax, x, v, lo, hi, **kw):
+    """`v` at `x` with the interval `[lo, hi]` as error bars (caps of 2)."""
+    v = np.asarray(v)
+    ax.errorbar(x, v, yerr=[v - np.asarray(lo), np.asarray(hi) - v], capsize=2, **kw)
+
+
 def plot_fluctuation(data: dict, path: pathlib.Path, part: str = "state") -> None:
     """How does the spread of the state among initialisations fall with the
     depth, before and after training?"""
@@ -32,13 +38,14 @@ def plot_fluctuation(data: dict, path: pathlib.Path, part: str = "state") -> Non
             L = np.array([r["L"] for r in rs])
             v = np.array([r[part] for r in rs])
             ci = np.array([r[part + "_ci"] for r in rs])
-            ax.errorbar(
+            _errorbar(
+                ax,
                 L,
                 v,
-                yerr=[v - ci[:, 0], ci[:, 1] - v],
+                ci[:, 0],
+                ci[:, 1],
                 marker="o",
                 ms=3,
-                capsize=2,
                 color=cmap(i / max(1, len(Hs) - 1)),
                 label=f"H = {H}",
             )
@@ -68,7 +75,7 @@ def plot_bias(data: dict, path: pathlib.Path) -> None:
     v = np.array([r["value"] for r in recs])
     lo = np.array([r["ci_low"] for r in recs])
     hi = np.array([r["ci_high"] for r in recs])
-    ax.errorbar(L, v, yerr=[v - lo, hi - v], marker="o", capsize=2, label="bias (split-half)")
+    _errorbar(ax, L, v, lo, hi, marker="o", label="bias (split-half)")
     ax.plot(
         L, [r["noise_of_mean"] for r in recs], "s", ms=3, color="gray", label="noise of the mean"
     )
@@ -157,14 +164,15 @@ def plot_global(data: dict, path: pathlib.Path) -> None:
                 v = np.array([r["value"] for r in rs])
                 lo = np.array([r["ci_low"] for r in rs])
                 hi = np.array([r["ci_high"] for r in rs])
-                ax.errorbar(
+                _errorbar(
+                    ax,
                     k,
                     v,
-                    yerr=[v - lo, hi - v],
+                    lo,
+                    hi,
                     ls=ls,
                     marker=marker,
                     ms=3,
-                    capsize=2,
                     color=color,
                     label=f"L = {L}, H = {H}, {stream}",
                 )
@@ -212,9 +220,7 @@ def plot_lemma6(data: dict, path: pathlib.Path) -> None:
             v = np.array([r["value"] for r in rs])
             lo = np.array([r["ci_low"] for r in rs])
             hi = np.array([r["ci_high"] for r in rs])
-            ax.errorbar(
-                d, v, yerr=[v - lo, hi - v], marker="o", ms=3, capsize=2, color=colors[o], label=o
-            )
+            _errorbar(ax, d, v, lo, hi, marker="o", ms=3, color=colors[o], label=o)
             init.update({r["d"]: r["k0_value"] for r in rs})
         ds = sorted(init)
         ax.plot(ds, [init[d] for d in ds], "k:", marker=".", lw=1, label="k = 0 (all)")
@@ -261,9 +267,7 @@ def plot_bias_trained(data: dict, path: pathlib.Path) -> None:
         v = np.array([r["value"] for r in rs])
         lo = np.maximum(np.array([r["ci_low"] for r in rs]), v * 1e-2)
         hi = np.array([r["ci_high"] for r in rs])
-        ax.errorbar(
-            L, v, yerr=[v - lo, hi - v], marker=marker, ms=4, capsize=2, color=color, label=label
-        )
+        _errorbar(ax, L, v, lo, hi, marker=marker, ms=4, color=color, label=label)
     L = np.array(sorted({r["L"] for r in succ}), float)
     top = max(r["value"] for r in succ if r["L"] == L[0])
     ax.plot(L, 1.2 * top * (L / L[0]) ** -1.0, "k--", lw=1, label="slope -1")
@@ -295,9 +299,7 @@ def plot_adjoint(data: dict, path: pathlib.Path) -> None:
         x = np.arange(len(fs)) + shift
         v = np.array([f["p_spread"] for f in fs])
         ci = np.array([f["p_spread_ci"] for f in fs])
-        ax.errorbar(
-            x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], marker="o", capsize=2, color=color, label=label
-        )
+        _errorbar(ax, x, v, ci[:, 0], ci[:, 1], marker="o", color=color, label=label)
     ax.axhline(-0.5, color="k", ls="--", lw=1, label="-1/2 (theorem)")
     ax.axhline(0.0, color="gray", lw=0.5)
     ds = sorted({f["distance"] for f in fits})
@@ -329,13 +331,14 @@ def plot_adjoint_heads(data: dict, path: pathlib.Path) -> None:
         v = np.array([r["participation"] * n for r in rs])
         ci = np.array([r["participation_ci"] for r in rs]) * n
         x = np.arange(len(rs))
-        ax.errorbar(
+        _errorbar(
+            ax,
             x,
             v,
-            yerr=[v - ci[:, 0], ci[:, 1] - v],
+            ci[:, 0],
+            ci[:, 1],
             marker="o",
             ms=3,
-            capsize=2,
             color=cmap(i / max(1, len(Hs) - 1)),
             label=f"H = {H} ({n} heads)",
         )
